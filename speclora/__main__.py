@@ -1,0 +1,3 @@
+from speclora.cli import main
+
+main()

@@ -1,0 +1,346 @@
+"""Multi-task LoRA: one frozen ``nn.Linear`` and a stack of T low-rank adapters, picked per batch row.
+
+For a row n of task adapter a(n) (Hu et al., 2021, eq. 3, one adapter per task):
+
+    y_n = W x_n + b + (alpha / r) * B_{a(n)} A_{a(n)} dropout(x_n)
+
+with W: (d_out, d_in) frozen, A_t: (r, d_in), B_t: (d_out, r). The T adapters are held stacked,
+``lora_A: (T, r, d_in)`` and ``lora_B: (T, d_out, r)``, so that a batch mixing tasks runs in one gather
+and two batched matmuls. Which row uses which adapter is told by an :class:`AdapterRouter` shared by every
+LoRA layer of a model; the LightningModule sets it before each forward.
+
+All tasks' A start equal (one draw per module, copied into every adapter) and B starts at zero, so that
+the same coordinate means the same thing in every task (shared/DESIGN.md, "The parameter graph").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "AdapterRouter",
+    "LoRASlot",
+    "MultiTaskLoRALinear",
+    "inject_lora",
+    "lora_modules",
+    "matches_target",
+    "resolve_targets",
+    "stacked_lora_params",
+]
+
+# model_type -> the attention query/key/value/output projections (the LoRA paper's W_q, W_k, W_v, W_o)
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("query", "key", "value", "attention.output.dense"),
+    "roberta": ("query", "key", "value", "attention.output.dense"),
+    "xlm-roberta": ("query", "key", "value", "attention.output.dense"),
+    "electra": ("query", "key", "value", "attention.output.dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense"),
+    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
+}
+ATTENTION_PRESET = "attention"
+
+
+class AdapterRouter:
+    """Holds the per-row adapter index of the current batch, shared by every LoRA layer of a model.
+
+    ``index: (N,)`` long, row n -> adapter a(n); ``None`` when unset. Layers with a single adapter ignore it.
+    """
+
+    def __init__(self, num_adapters: int | None = None) -> None:
+        self.num_adapters = num_adapters
+        self.index: torch.Tensor | None = None
+
+    def set(self, index: torch.Tensor | None) -> None:
+        """Route row n of the next forward through adapter ``index[n]``; ``None`` clears the routing.
+
+        The range check reads ``index.min()/max()`` once per call (one device sync per step, not per layer),
+        so that a bad task id fails here with a message instead of as a device-side assert in a gather.
+        """
+        if index is None:
+            self.index = None
+            return
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+            raise ValueError(f"router index: expected a 1-D tensor (N,) of adapter ids, got {shape}")
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise ValueError(f"router index: expected an integer tensor, got dtype {index.dtype}")
+        if self.num_adapters is not None and index.numel() > 0:
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= self.num_adapters:
+                raise ValueError(
+                    f"router index: adapter ids must lie in [0, {self.num_adapters - 1}], got range [{lo}, {hi}]"
+                )
+        self.index = index.long()
+
+    def __repr__(self) -> str:
+        shape = None if self.index is None else tuple(self.index.shape)
+        return f"AdapterRouter(num_adapters={self.num_adapters}, index={shape})"
+
+
+class MultiTaskLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus T stacked LoRA adapters, one picked per batch row by the router.
+
+    y = W x + b + (alpha/r) * B_{a(n)} A_{a(n)} dropout(x),   a(n) = router.index[n]
+
+    Shapes: x: (N, L, d_in) or (N, d_in) -> y: (N, L, d_out) or (N, d_out);
+    lora_A: (T, r, d_in), lora_B: (T, d_out, r); W = base.weight: (d_out, d_in), frozen.
+
+    Args:
+        base: the linear layer to wrap; its parameters are frozen here.
+        num_adapters: T, the number of adapters (one per task, or 1 for a shared LoRA).
+        r: the LoRA rank.
+        alpha: the LoRA scale numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout probability on the LoRA branch's input, in [0, 1).
+        router: the shared per-row adapter index.
+        init_A: (r, d_in), copied into every adapter; ``None`` draws one kaiming-uniform A from the global RNG.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_adapters: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        router: AdapterRouter,
+        init_A: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        _check_hparams(num_adapters=num_adapters, r=r, alpha=alpha, dropout=dropout)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.num_adapters = num_adapters
+        self.r = r
+        self.alpha = float(alpha)
+        self.router = router
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+        d_out, d_in = base.weight.shape
+        weight = base.weight
+        if init_A is None:
+            init_A = torch.empty(r, d_in)  # (r, d_in)
+            nn.init.kaiming_uniform_(init_A, a=math.sqrt(5))
+        elif tuple(init_A.shape) != (r, d_in):
+            raise ValueError(f"init_A: expected shape (r, d_in) = {(r, d_in)}, got {tuple(init_A.shape)}")
+        init_A = init_A.to(device=weight.device, dtype=weight.dtype)
+        # every task starts from the same A (DESIGN.md), B = 0 so that the wrapped layer starts as W x + b
+        self.lora_A = nn.Parameter(init_A.unsqueeze(0).repeat(num_adapters, 1, 1))  # (T, r, d_in)
+        self.lora_B = nn.Parameter(
+            torch.zeros(num_adapters, d_out, r, device=weight.device, dtype=weight.dtype)
+        )  # (T, d_out, r)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def scaling(self) -> float:
+        """alpha / r."""
+        return self.alpha / self.r
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out)."""
+        y = self.base(x)  # (N, [L,] d_out) = W x + b
+        h = self.dropout(x).to(self.lora_A.dtype)  # (N, [L,] d_in)
+        if self.num_adapters == 1:
+            # one adapter for every row: plain matmuls, no gather
+            z = h @ self.lora_A[0].transpose(0, 1)  # (N, [L,] r) = A x
+            z = z @ self.lora_B[0].transpose(0, 1)  # (N, [L,] d_out) = B A x
+            return y + (self.scaling * z).to(y.dtype)
+
+        index = self.router.index
+        if index is None:
+            raise RuntimeError(
+                f"MultiTaskLoRALinear with {self.num_adapters} adapters: the router's index is unset; "
+                "call router.set(adapter_index) before the forward"
+            )
+        n = x.shape[0]
+        if index.shape[0] != n:
+            raise ValueError(
+                f"router index has {index.shape[0]} rows but the input has {n} (x: {tuple(x.shape)})"
+            )
+        index = index.to(x.device)
+        A = self.lora_A[index]  # (N, r, d_in) = A_{a(n)}
+        B = self.lora_B[index]  # (N, d_out, r) = B_{a(n)}
+        h = h.reshape(n, -1, self.in_features)  # (N, L, d_in); L = 1 for a 2-D input
+        z = torch.bmm(h, A.transpose(1, 2))  # (N, L, r) = A_{a(n)} x
+        z = torch.bmm(z, B.transpose(1, 2))  # (N, L, d_out) = B_{a(n)} A_{a(n)} x
+        z = z.reshape(y.shape)  # (N, [L,] d_out)
+        return y + (self.scaling * z).to(y.dtype)
+
+    def delta_weight(self, adapter: int) -> torch.Tensor:
+        """(d_out, d_in) = (alpha/r) * B[adapter] @ A[adapter], the update merged into W for that adapter."""
+        if not 0 <= adapter < self.num_adapters:
+            raise ValueError(f"adapter: expected an index in [0, {self.num_adapters - 1}], got {adapter}")
+        # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        return self.scaling * (self.lora_B[adapter] @ self.lora_A[adapter])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_adapters={self.num_adapters}, r={self.r}, alpha={self.alpha}"
+        )
+
+
+@dataclass(frozen=True)
+class LoRASlot:
+    """One LoRA-wrapped linear of the backbone: a (layer l, module m) of the parameter graph.
+
+    name: its module path in the backbone ("encoder.layer.3.attention.self.query");
+    layer: the first integer path component (3); module: the target suffix it matched ("query").
+    """
+
+    name: str
+    layer: int
+    module: str
+    d_in: int
+    d_out: int
+
+
+def matches_target(name: str, target: str) -> bool:
+    """Whether module path ``name`` ends with ``target`` at a dot boundary (peft's rule for a list of targets)."""
+    return name == target or name.endswith("." + target)
+
+
+def _check_hparams(num_adapters: int, r: int, alpha: float, dropout: float) -> None:
+    if not isinstance(num_adapters, int) or num_adapters < 1:
+        raise ValueError(f"num_adapters: expected an integer >= 1, got {num_adapters!r}")
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected an integer >= 1, got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha: expected a number > 0, got {alpha!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
+def _layer_of(name: str) -> int | None:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Names of the plain ``nn.Linear`` modules of ``model``, skipping those already wrapped by LoRA."""
+    wrapped = {f"{n}.base" for n, _ in lora_modules(model)}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
+
+
+def _linear_patterns(names: Sequence[str], limit: int = 12) -> str:
+    """A short listing of linear names, layer numbers folded: 'encoder.layer.{i}.attention.self.query, ...'."""
+    folded = (".".join("{i}" if part.isdigit() else part for part in n.split(".")) for n in names)
+    patterns = list(dict.fromkeys(folded))
+    more = f", ... ({len(patterns) - limit} more)" if len(patterns) > limit else ""
+    return ", ".join(patterns[:limit]) + more
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Sequence[str],
+    num_adapters: int,
+    r: int,
+    alpha: float,
+    dropout: float,
+    seed: int = 0,
+) -> tuple[AdapterRouter, list[LoRASlot]]:
+    """Replace every ``nn.Linear`` whose name ends with one of ``targets`` by a :class:`MultiTaskLoRALinear`.
+
+    A target matches at a dot boundary, as in peft: "query" matches "encoder.layer.0.attention.self.query",
+    "attention.output.dense" matches that module only, not the FFN's "output.dense". A linear matched by
+    several targets is recorded under the longest. Only the wrapped linears are frozen here; the caller
+    freezes the rest of the backbone.
+
+    A is drawn like peft (kaiming-uniform, a = sqrt(5)): one (r, d_in) draw per module, in model order, from
+    a ``torch.Generator`` seeded with ``seed``, copied into all ``num_adapters`` adapters; B = 0.
+
+    Returns:
+        the router shared by all the new layers, and one :class:`LoRASlot` per wrapped linear, in model order.
+    """
+    _check_hparams(num_adapters=num_adapters, r=r, alpha=alpha, dropout=dropout)
+    if isinstance(targets, str):
+        targets = (targets,)
+    targets = tuple(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"targets: expected a non-empty list of module-name suffixes, got {targets!r}")
+    existing = lora_modules(model)
+    if existing:
+        raise ValueError(
+            f"model already holds {len(existing)} MultiTaskLoRALinear layers (first: {existing[0][0]}); "
+            "inject_lora once per backbone"
+        )
+
+    linears = _linear_names(model)
+    chosen: dict[str, str] = {}  # linear name -> the (longest) target it matches
+    for target in targets:
+        hits = [n for n in linears if matches_target(n, target)]
+        if not hits:
+            raise ValueError(
+                f"targets: {target!r} matches no nn.Linear of {type(model).__name__}; "
+                f"its linears are: {_linear_patterns(linears)}"
+            )
+        for n in hits:
+            if len(target) > len(chosen.get(n, "")):
+                chosen[n] = target
+
+    layers = {name: _layer_of(name) for name in chosen}
+    for name, target in chosen.items():  # check all before changing the model
+        if layers[name] is None:
+            raise ValueError(
+                f"targets: {target!r} matches {name!r}, which sits in no numbered layer; the parameter "
+                "graph needs a layer index, so give a more specific suffix (e.g. 'attention.output.dense')"
+            )
+
+    router = AdapterRouter(num_adapters)
+    generator = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    slots: list[LoRASlot] = []
+    for name in (n for n in linears if n in chosen):  # model order
+        base = modules[name]
+        init_A = torch.empty(r, base.in_features)  # (r, d_in)
+        nn.init.kaiming_uniform_(init_A, a=math.sqrt(5), generator=generator)
+        wrapped = MultiTaskLoRALinear(base, num_adapters, r, alpha, dropout, router, init_A=init_A)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
+        slots.append(LoRASlot(name, layers[name], chosen[name], base.in_features, base.out_features))
+    return router, slots
+
+
+def resolve_targets(model_type: str, targets: Sequence[str] | None) -> tuple[str, ...]:
+    """The LoRA target suffixes: ``targets`` as given, or for ``None`` / ``"attention"`` the model type's
+    attention query/key/value/output projections (:data:`DEFAULT_TARGETS`)."""
+    if isinstance(targets, str):
+        targets = (targets,)
+    if targets is not None and tuple(targets) != (ATTENTION_PRESET,):
+        targets = tuple(targets)
+        if not targets:
+            raise ValueError(f"targets: expected a non-empty list, None or {ATTENTION_PRESET!r}, got []")
+        return targets
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(
+            f"targets: no {ATTENTION_PRESET!r} preset for model_type {model_type!r} (known: "
+            f"{', '.join(sorted(DEFAULT_TARGETS))}); pass the target module names explicitly"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, MultiTaskLoRALinear]]:
+    """(name, layer) for every :class:`MultiTaskLoRALinear` of ``model``, in model order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiTaskLoRALinear)]
+
+
+def stacked_lora_params(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The stacked A (T, r, d_in) and B (T, d_out, r) parameters, in slot order."""
+    layers = [m for _, m in lora_modules(model)]
+    return [m.lora_A for m in layers], [m.lora_B for m in layers]

@@ -1,0 +1,332 @@
+"""The LightningModule: a frozen encoder, multi-task LoRA layers, per-task heads, per-task metrics.
+
+Loss of a mixed batch (DESIGN.md, data path):  L = Σ_t λ_t L_t,  L_t the mean loss of task t's rows,
+with λ_t = 1 (``uniform``) or λ_t = T·n_t / Σ_s n_s (``size``, n_t the task's training examples).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from speclora.metrics import TaskMetrics
+from speclora.model.backbone import resolve_backbone
+from speclora.model.heads import TaskHeads, TaskOutput
+from speclora.model.lora import inject_lora, lora_modules, resolve_targets
+from speclora.tasks import resolve_tasks
+
+log = logging.getLogger(__name__)
+
+METHODS = ("single", "independent", "shared")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA hyperparameters (Hu et al. 2021).
+
+    Args:
+        r: rank of every adapter.
+        alpha: scaling numerator; the update is (alpha / r)·B A.
+        dropout: dropout on the adapter's input.
+        targets: module name suffixes to adapt; null = the attention query, key, value and output
+            projections of the backbone's architecture.
+        init_seed: seed of the shared initial A (all tasks start from the same A, DESIGN.md).
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: list[str] | None = None
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"model.lora.r={self.r}; allowed: an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"model.lora.alpha={self.alpha}; allowed: a number > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={self.dropout}; allowed: 0 <= dropout < 1")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup and linear (or no) decay.
+
+    Args:
+        lr: peak learning rate of the adapters.
+        head_lr: learning rate of the task heads (default: lr).
+        weight_decay: decoupled weight decay (heads and adapters).
+        warmup_ratio: share of the run spent warming up linearly from 0.
+        schedule: ``linear`` decays to 0 at the last step; ``constant`` holds the peak after warmup.
+        betas: AdamW betas.
+    """
+
+    lr: float = 5e-4
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: Literal["linear", "constant"] = "linear"
+    betas: tuple[float, float] = (0.9, 0.999)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"model.optim.lr={self.lr}; allowed: a number > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"model.optim.warmup_ratio={self.warmup_ratio}; allowed: 0 <= warmup_ratio < 1")
+        if self.schedule not in ("linear", "constant"):
+            raise ValueError(f"model.optim.schedule={self.schedule!r}; allowed: 'linear', 'constant'")
+
+
+class SpecLoRAModule(L.LightningModule):
+    """Multi-task LoRA on a frozen HF encoder.
+
+    Args:
+        tasks: the run's tasks, in the order of the task index carried by batches (the CLI links it
+            to ``data.tasks``).
+        backbone: ``default`` (the packaged all-MiniLM-L6-v2), an HF model name, or a local folder.
+        method: ``single`` (one task, one adapter), ``independent`` (one adapter per task, mixed
+            batches) or ``shared`` (one adapter for every task, task heads: UnoLoRA).
+        lora: adapter hyperparameters.
+        optim: optimiser and schedule.
+        pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
+        head_dropout: dropout inside the task heads.
+        loss_weights: ``uniform`` or ``size`` (module docstring).
+    """
+
+    def __init__(
+        self,
+        tasks: list[str],
+        backbone: str = "default",
+        method: Literal["single", "independent", "shared"] = "independent",
+        lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - frozen dataclass, the CLI's default
+        optim: OptimConfig = OptimConfig(),  # noqa: B008
+        pooling: Literal["cls", "mean"] = "cls",
+        head_dropout: float = 0.1,
+        loss_weights: Literal["uniform", "size"] = "uniform",
+    ) -> None:
+        super().__init__()
+        self.specs = resolve_tasks(tasks)
+        if method not in METHODS:
+            raise ValueError(f"model.method={method!r}; allowed: {', '.join(METHODS)}")
+        if method == "single" and len(self.specs) != 1:
+            raise ValueError(
+                f"model.method='single' trains one task alone but data.tasks has {len(self.specs)}: "
+                f"{[s.name for s in self.specs]}; give one task, or use method 'independent'"
+            )
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
+        if loss_weights not in ("uniform", "size"):
+            raise ValueError(f"model.loss_weights={loss_weights!r}; allowed: 'uniform', 'size'")
+        self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone, "method": method,
+                                   "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
+                                   "head_dropout": head_dropout, "loss_weights": loss_weights})
+        self.method = method
+        self.lora_cfg = lora
+        self.optim_cfg = optim
+        self.pooling = pooling
+        self.loss_weights = loss_weights
+        self.backbone_name = backbone
+
+        from transformers import AutoModel
+
+        self.encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.targets = resolve_targets(self.encoder.config.model_type, lora.targets)
+        self.num_adapters = 1 if method == "shared" else len(self.specs)
+        self.router, self.slots = inject_lora(
+            self.encoder, self.targets, self.num_adapters, lora.r, lora.alpha, lora.dropout, seed=lora.init_seed
+        )
+        self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
+        self.metrics = nn.ModuleDict(
+            {
+                entry: TaskMetrics(spec, entry if entry in spec.eval_names else None)
+                for spec in self.specs
+                for entry in (spec.name, *spec.eval_names)
+            }
+        )
+        self._entry_task = {entry: spec.name for spec in self.specs for entry in (spec.name, *spec.eval_names)}
+        self.register_buffer("task_weights", torch.ones(len(self.specs)), persistent=False)
+        self._seen_entries: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ forward
+    def encode(self, batch: dict[str, Tensor]) -> Tensor:
+        """Run the adapted encoder on every sequence of the batch; returns (N, H) pooled vectors."""
+        index = batch["seq_task"] if self.num_adapters > 1 else torch.zeros_like(batch["seq_task"])
+        self.router.set(index)  # (N,) adapter of each row
+        try:
+            hidden = self.encoder(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch.get("token_type_ids"),
+            ).last_hidden_state  # (N, L, H)
+        finally:
+            self.router.set(None)
+        if self.pooling == "cls":
+            return hidden[:, 0]  # (N, H)
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (N, H)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[int, TaskOutput]:
+        return self.heads(self.encode(batch), batch)
+
+    def _total_loss(self, outputs: dict[int, TaskOutput]) -> tuple[Tensor, dict[int, Tensor]]:
+        # L = Σ_t λ_t L_t
+        per_task = {t: o.loss for t, o in outputs.items() if o.loss is not None}
+        if not per_task:
+            raise ValueError("a training batch holds no labelled example")
+        total = sum(self.task_weights[t] * loss for t, loss in per_task.items())
+        return total, per_task
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.loss_weights == "size":
+            sizes = getattr(dm, "train_sizes", None)
+            if sizes is None:
+                raise ValueError("model.loss_weights='size' needs a datamodule that reports train_sizes")
+            n = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+            self.task_weights = len(sizes) * n / n.sum()  # λ_t = T n_t / Σ n
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        adapters = sum(p.numel() for _, m in lora_modules(self.encoder) for p in m.parameters() if p.requires_grad)
+        log.info("trainable parameters: %d (adapters %d, heads %d)", trainable, adapters, trainable - adapters)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        outputs = self(batch)
+        loss, per_task = self._total_loss(outputs)
+        n = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        for t, task_loss in per_task.items():
+            self.log(f"train/{self.specs[t].name}/loss", task_loss.detach(), batch_size=n)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
+        entry = batch["entry"]
+        outputs = self(batch)
+        for t, out in outputs.items():
+            labels = batch["labels"][out.examples]
+            if self.specs[t].kind != "regression":
+                labels = labels.long()
+            groups = batch["groups"][out.examples]
+            self.metrics[entry].update(out.preds, labels, groups=groups, chosen_scores=out.chosen_scores)
+            if out.loss is not None:
+                self.log(f"{stage}/{entry}/loss", out.loss, batch_size=len(out.examples), add_dataloader_idx=False)
+        self._seen_entries.setdefault(stage, [])
+        if entry not in self._seen_entries[stage]:
+            self._seen_entries[stage].append(entry)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        entries = self._seen_entries.pop(stage, [])
+        if self.trainer.world_size > 1:  # every rank must compute (and sync) the same metrics
+            gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, entries)
+            entries = sorted({e for g in gathered for e in g})
+        task_scores: dict[str, list[float]] = {}
+        for entry in entries:
+            values = self.metrics[entry].compute()
+            self.metrics[entry].reset()
+            for name, value in values.items():
+                self.log(f"{stage}/{entry}/{name}", value, add_dataloader_idx=False, sync_dist=False)
+            task_scores.setdefault(self._entry_task[entry], []).append(float(values["score"]))
+        if task_scores:
+            # suite average: the plain mean of task scores; MNLI's entries average into one task score
+            average = sum(sum(v) / len(v) for v in task_scores.values()) / len(task_scores)
+            self.log(f"{stage}/average", average, prog_bar=True, add_dataloader_idx=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        outputs = self(batch)
+        result: dict[str, Any] = {"entry": batch["entry"], "uid": [], "preds": [], "probs": []}
+        for out in outputs.values():
+            result["uid"].append(batch["uid"][out.examples].cpu())
+            result["preds"].append(out.preds.cpu())
+            result["probs"].append(out.probs.cpu() if out.probs is not None else None)
+        return result
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        adapter_params = [p for n, p in self.encoder.named_parameters() if p.requires_grad]
+        head_params = [p for p in self.heads.parameters() if p.requires_grad]
+        groups = [
+            {"params": adapter_params, "lr": cfg.lr, "name": "adapters"},
+            {"params": head_params, "lr": cfg.head_lr or cfg.lr, "name": "heads"},
+        ]
+        optimizer = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(cfg.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if cfg.schedule == "constant":
+                return 1.0
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ adapters in peft format
+    def export_adapters(self, out_dir: str | Path) -> list[Path]:
+        """Write each task's adapter as a peft folder (plus its head) under ``out_dir/<task>``."""
+        from safetensors.torch import save_file
+
+        from speclora.model.peft_io import export_adapter
+
+        out_dir = Path(out_dir)
+        written = []
+        for t, spec in enumerate(self.specs):
+            folder = out_dir / spec.name
+            adapter = 0 if self.num_adapters == 1 else t
+            export_adapter(
+                self.encoder, adapter, folder, base_model_name_or_path=resolve_backbone(self.backbone_name),
+                targets=list(self.targets), r=self.lora_cfg.r, alpha=self.lora_cfg.alpha,
+                dropout=self.lora_cfg.dropout,
+            )
+            head = {k: v.detach().cpu().contiguous() for k, v in self.heads.heads[t].state_dict().items()}
+            save_file(head, str(folder / "head.safetensors"))
+            (folder / "speclora_task.json").write_text(json.dumps(
+                {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
+                 "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method}, indent=2))
+            written.append(folder)
+        return written
+
+    def import_adapters(self, in_dir: str | Path) -> None:
+        """Load adapters (and heads) written by :meth:`export_adapters` back into their task slots."""
+        from safetensors.torch import load_file
+
+        from speclora.model.peft_io import import_adapter
+
+        in_dir = Path(in_dir)
+        for t, spec in enumerate(self.specs):
+            folder = in_dir / spec.name
+            if not folder.is_dir():
+                raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
+            import_adapter(self.encoder, folder, 0 if self.num_adapters == 1 else t)
+            self.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+
+
+def warmup_steps(total: int, ratio: float) -> int:
+    return int(math.floor(ratio * total))
