@@ -388,6 +388,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             collate_fn=self._collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.seed),
         )
         trainer = self.trainer
         if trainer is not None:

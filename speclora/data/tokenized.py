@@ -102,33 +102,83 @@ def file_fingerprint(path: Path) -> str:
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
 
 
+class _Template:
+    """How the tokenizer wraps one or two segments in special tokens, read off a probe encoding.
+
+    Each unique text is tokenised once without special tokens (a MultiRC passage is shared by ~60
+    answers, a ReCoRD passage by every candidate), and sequences are assembled from the pieces:
+    ``prefix + a + middle + b + suffix``, with the token types the tokenizer itself gives each part.
+    """
+
+    def __init__(self, tokenizer, pair: bool) -> None:
+        a = tokenizer("hello", add_special_tokens=False)["input_ids"]
+        b = tokenizer("world", add_special_tokens=False)["input_ids"]
+        full = tokenizer("hello", "world" if pair else None, return_token_type_ids=True)
+        ids, types = list(full["input_ids"]), full.get("token_type_ids")
+        types = list(types) if types is not None else None
+        p = _find(ids, a, 0)
+        q = _find(ids, b, p + len(a)) if pair else p + len(a)
+        self.prefix, self.middle = ids[:p], ids[p + len(a) : q]
+        self.suffix = ids[q + len(b) :] if pair else ids[q:]
+        self.n_special = len(ids) - len(a) - (len(b) if pair else 0)
+        self.types = None
+        if types is not None:
+            self.types = (types[:p], types[p], types[p + len(a) : q], types[q] if pair else 0,
+                          types[q + len(b) :] if pair else types[q:])
+
+    def build(self, a: list[int], b: list[int] | None, max_length: int) -> tuple[list[int], list[int] | None]:
+        budget = max_length - self.n_special
+        la, lb = len(a), len(b) if b is not None else 0
+        excess = la + lb - budget
+        if excess > 0:
+            # longest first: trim the longer segment down to the shorter, then both alternately (b first)
+            d = min(excess, abs(la - lb))
+            if la > lb:
+                la -= d
+            else:
+                lb -= d
+            rest = excess - d
+            lb -= (rest + 1) // 2 if b is not None else 0
+            la -= rest // 2 if b is not None else rest
+        a = a[:la]
+        ids = self.prefix + a + self.middle + (b[:lb] if b is not None else []) + self.suffix
+        if self.types is None:
+            return ids, None
+        t_pre, t_a, t_mid, t_b, t_suf = self.types
+        types = t_pre + [t_a] * la + t_mid + ([t_b] * lb if b is not None else []) + t_suf
+        return ids, types
+
+
+def _find(seq: list[int], sub: list[int], start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i : i + len(sub)] == sub:
+            return i
+    raise ValueError("could not read the tokenizer's special-token template from a probe encoding")
+
+
 def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -> TokenizedSplit:
     """Tokenise every sequence of every example (pairs truncated longest-first to ``max_length``)."""
-    text_a, text_b, owner = [], [], []
-    for e, ex in enumerate(examples):
+    text_a, text_b = [], []
+    for ex in examples:
         for a, b in ex.segments:
             text_a.append(a)
             text_b.append(b)
-            owner.append(e)
     has_pair = any(b is not None for b in text_b)
     if has_pair and not all(b is not None for b in text_b):
         # mixed single/pair inside one split never happens in the registry's tasks; keep it explicit
         raise ValueError("tokenize_examples: a split mixes single sentences and pairs")
-    enc = tokenizer(
-        text_a,
-        text_b if has_pair else None,
-        truncation="longest_first" if has_pair else True,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=True,
-    )
-    lengths = torch.tensor([len(x) for x in enc["input_ids"]], dtype=torch.long)  # (S,)
+    unique = list(dict.fromkeys(text_a + (text_b if has_pair else [])))
+    pieces = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"]))
+    template = _Template(tokenizer, has_pair)
+    built = [template.build(pieces[a], pieces[b] if b is not None else None, max_length)
+             for a, b in zip(text_a, text_b)]
+    lengths = torch.tensor([len(ids) for ids, _ in built], dtype=torch.long)  # (S,)
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.long)  # (S + 1,)
     offsets[1:] = torch.cumsum(lengths, 0)
-    ids = torch.tensor([t for x in enc["input_ids"] for t in x], dtype=torch.int32)  # (total,)
+    ids = torch.tensor([t for x, _ in built for t in x], dtype=torch.int32)  # (total,)
     type_ids = None
-    if "token_type_ids" in enc and enc["token_type_ids"] is not None:
-        type_ids = torch.tensor([t for x in enc["token_type_ids"] for t in x], dtype=torch.int8)
+    if template.types is not None:
+        type_ids = torch.tensor([t for _, x in built for t in x], dtype=torch.int8)  # (total,)
 
     counts = torch.tensor([len(ex.segments) for ex in examples], dtype=torch.long)  # (E,)
     starts = torch.zeros_like(counts)

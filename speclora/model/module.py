@@ -138,6 +138,7 @@ class SpecLoRAModule(L.LightningModule):
         from transformers import AutoModel
 
         self.encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
+        self.encoder.train()  # from_pretrained returns eval mode; training uses the encoder's own dropout
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.targets = resolve_targets(self.encoder.config.model_type, lora.targets)
@@ -262,6 +263,22 @@ class SpecLoRAModule(L.LightningModule):
             result["preds"].append(out.preds.cpu())
             result["probs"].append(out.probs.cpu() if out.probs is not None else None)
         return result
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # dropout draws from the global generators: keep them so that a resumed run continues exactly
+        checkpoint["speclora_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["speclora_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("speclora_rng")
+        if state is None:
+            log.warning("checkpoint holds no RNG state: dropout after resume will differ from the original run")
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

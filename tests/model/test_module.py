@@ -1,0 +1,113 @@
+"""The LightningModule on a tiny random encoder: heads, methods, losses, adapter export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speclora.data.datamodule import MultiTaskDataModule
+from speclora.model.lora import lora_modules
+from speclora.model.module import LoRAConfig, OptimConfig, SpecLoRAModule
+
+TASKS = ["rte", "stsb", "copa"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_backbone, data_root, tmp_path_factory):
+    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
+                             batch_size=16, cache_dir=str(tmp_path_factory.mktemp("cache")), mixing="equal")
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))
+
+
+def _randomise_adapters(module: SpecLoRAModule) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _, layer in lora_modules(module.encoder):
+        layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.2
+        layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.2
+
+
+def test_methods_hold_the_right_adapters(tiny_backbone):
+    independent = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="independent")
+    shared = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="shared")
+    (_, layer), *_ = lora_modules(independent.encoder)
+    assert layer.lora_A.shape[0] == 3
+    (_, layer), *_ = lora_modules(shared.encoder)
+    assert layer.lora_A.shape[0] == 1
+    # 2 layers x 4 attention projections (32x32), rank 8: A and B of 8*32 each
+    per_adapter = 2 * 4 * 2 * 8 * 32
+    count = sum(p.numel() for _, m in lora_modules(independent.encoder) for p in (m.lora_A, m.lora_B))
+    assert count == 3 * per_adapter
+    frozen = [n for n, p in independent.encoder.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert frozen == []
+
+
+def test_single_refuses_several_tasks(tiny_backbone):
+    with pytest.raises(ValueError, match="model.method='single' trains one task alone"):
+        SpecLoRAModule(TASKS, backbone=tiny_backbone, method="single")
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: LoRAConfig(r=0), "model.lora.r=0"),
+        (lambda: LoRAConfig(dropout=1.0), "model.lora.dropout=1.0"),
+        (lambda: OptimConfig(lr=0.0), "model.optim.lr=0.0"),
+        (lambda: OptimConfig(warmup_ratio=1.5), "model.optim.warmup_ratio=1.5"),
+    ],
+)
+def test_bad_hyperparameters_name_the_flag(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_losses_per_task_kind(tiny_backbone, batch):
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, head_dropout=0.0).eval()
+    _randomise_adapters(module)
+    with torch.no_grad():
+        pooled = module.encode(batch)
+        outputs = module.heads(pooled, batch)
+    assert set(outputs) == {0, 1, 2}
+    # COPA (choice): cross-entropy over each example's two option scores
+    copa = outputs[2]
+    rows = (batch["seq_task"] == 2).nonzero().squeeze(1)
+    scores = module.heads.heads[2](pooled[rows]).squeeze(-1).view(-1, 2)  # two options per example
+    gold = batch["labels"][copa.examples].long()
+    assert torch.allclose(copa.loss, F.cross_entropy(scores, gold), atol=1e-6)
+    assert torch.equal(copa.preds, scores.argmax(-1))
+    # STS-B (regression): mean squared error on the score
+    stsb = outputs[1]
+    rows = (batch["seq_task"] == 1).nonzero().squeeze(1)
+    pred = module.heads.heads[1](pooled[rows]).squeeze(-1)
+    assert torch.allclose(stsb.loss, F.mse_loss(pred, batch["labels"][stsb.examples]), atol=1e-6)
+    # the total is the plain sum with uniform weights
+    total, per_task = module._total_loss(outputs)
+    assert torch.allclose(total, sum(per_task.values()))
+
+
+def test_adapters_of_absent_tasks_get_no_gradient(tiny_backbone, batch):
+    module = SpecLoRAModule(["rte", "stsb", "copa", "cb"], backbone=tiny_backbone)
+    _randomise_adapters(module)
+    total, _ = module._total_loss(module(batch))  # the batch holds no CB (task 3) row
+    total.backward()
+    (_, layer), *_ = lora_modules(module.encoder)
+    assert layer.lora_A.grad[3].abs().sum() == 0
+    assert layer.lora_A.grad[:3].abs().sum() > 0
+
+
+def test_export_import_round_trip(tiny_backbone, batch, tmp_path):
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone).eval()
+    _randomise_adapters(module)
+    for p in module.heads.parameters():
+        p.data.normal_()
+    module.export_adapters(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(TASKS)
+    assert (tmp_path / "rte" / "adapter_config.json").is_file()
+    fresh = SpecLoRAModule(TASKS, backbone=tiny_backbone).eval()
+    fresh.import_adapters(tmp_path)
+    with torch.no_grad():
+        a, b = module(batch), fresh(batch)
+    for t in a:
+        assert torch.allclose(a[t].loss, b[t].loss, atol=1e-6)
+        assert torch.equal(a[t].preds, b[t].preds)
