@@ -1,0 +1,21 @@
+"""Multi-task adaptation methods, one file each; ``model.method`` picks one by class name."""
+
+from __future__ import annotations
+
+from speclora.methods.base import Method
+from speclora.methods.lora_variants import Independent, Shared, Single
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Single, Independent, Shared)}
+
+
+def get_method(name: str | Method) -> Method:
+    """A method instance from its registry name (``shared``) or class name (``Shared``)."""
+    if isinstance(name, Method):
+        return name
+    for cls in METHODS.values():
+        if name in (cls.name, cls.__name__):
+            return cls()
+    raise ValueError(f"model.method={name!r}; allowed: {', '.join(sorted(METHODS))}")
+
+
+__all__ = ["METHODS", "Independent", "Method", "Shared", "Single", "get_method"]

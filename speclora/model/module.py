@@ -17,15 +17,14 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from speclora.methods import Independent, Method, get_method
 from speclora.metrics import TaskMetrics
 from speclora.model.backbone import resolve_backbone
 from speclora.model.heads import TaskHeads, TaskOutput
-from speclora.model.lora import inject_lora, lora_modules, resolve_targets
+from speclora.model.lora import AdapterRouter, LoRASlot, lora_modules, resolve_targets
 from speclora.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
-
-METHODS = ("single", "independent", "shared")
 
 
 @dataclass(frozen=True)
@@ -92,8 +91,9 @@ class SpecLoRAModule(L.LightningModule):
         tasks: the run's tasks, in the order of the task index carried by batches (the CLI links it
             to ``data.tasks``).
         backbone: ``default`` (the packaged all-MiniLM-L6-v2), an HF model name, or a local folder.
-        method: ``single`` (one task, one adapter), ``independent`` (one adapter per task, mixed
-            batches) or ``shared`` (one adapter for every task, task heads: UnoLoRA).
+        method: the multi-task method, by class (``Independent``, ``Single``, ``Shared``, ... see
+            ``speclora.methods``); its constructor arguments are its options. In Python a registry
+            name (``"shared"``) works too.
         lora: adapter hyperparameters.
         optim: optimiser and schedule.
         pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
@@ -105,7 +105,7 @@ class SpecLoRAModule(L.LightningModule):
         self,
         tasks: list[str],
         backbone: str = "default",
-        method: Literal["single", "independent", "shared"] = "independent",
+        method: Method = Independent(),  # noqa: B008 - the CLI's default
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - frozen dataclass, the CLI's default
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         pooling: Literal["cls", "mean"] = "cls",
@@ -114,21 +114,18 @@ class SpecLoRAModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.specs = resolve_tasks(tasks)
-        if method not in METHODS:
-            raise ValueError(f"model.method={method!r}; allowed: {', '.join(METHODS)}")
-        if method == "single" and len(self.specs) != 1:
-            raise ValueError(
-                f"model.method='single' trains one task alone but data.tasks has {len(self.specs)}: "
-                f"{[s.name for s in self.specs]}; give one task, or use method 'independent'"
-            )
+        method = get_method(method)
+        method.check(self.specs)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
         if loss_weights not in ("uniform", "size"):
             raise ValueError(f"model.loss_weights={loss_weights!r}; allowed: 'uniform', 'size'")
-        self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone, "method": method,
+        self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone,
+                                   "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
                                    "head_dropout": head_dropout, "loss_weights": loss_weights})
         self.method = method
+        self.method_name = method.name
         self.lora_cfg = lora
         self.optim_cfg = optim
         self.pooling = pooling
@@ -142,10 +139,10 @@ class SpecLoRAModule(L.LightningModule):
         for p in self.encoder.parameters():
             p.requires_grad_(False)
         self.targets = resolve_targets(self.encoder.config.model_type, lora.targets)
-        self.num_adapters = 1 if method == "shared" else len(self.specs)
-        self.router, self.slots = inject_lora(
-            self.encoder, self.targets, self.num_adapters, lora.r, lora.alpha, lora.dropout, seed=lora.init_seed
-        )
+        self.router: AdapterRouter | None = None
+        self.slots: list[LoRASlot] = []
+        self.method_net: nn.Module | None = None  # a method's own trainable modules (hypernetworks...)
+        method.build(self)
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict(
             {
@@ -156,13 +153,15 @@ class SpecLoRAModule(L.LightningModule):
         )
         self._entry_task = {entry: spec.name for spec in self.specs for entry in (spec.name, *spec.eval_names)}
         self.register_buffer("task_weights", torch.ones(len(self.specs)), persistent=False)
+        self._step_task_losses: dict[int, Tensor] = {}
         self._seen_entries: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
         """Run the adapted encoder on every sequence of the batch; returns (N, H) pooled vectors."""
-        index = batch["seq_task"] if self.num_adapters > 1 else torch.zeros_like(batch["seq_task"])
-        self.router.set(index)  # (N,) adapter of each row
+        if self.router is not None:
+            self.router.set(self.method.route(self, batch))  # (N,) adapter of each row, or None
+        self.method.before_encode(self, batch)
         try:
             hidden = self.encoder(
                 input_ids=batch["input_ids"],
@@ -170,7 +169,8 @@ class SpecLoRAModule(L.LightningModule):
                 token_type_ids=batch.get("token_type_ids"),
             ).last_hidden_state  # (N, L, H)
         finally:
-            self.router.set(None)
+            if self.router is not None:
+                self.router.set(None)
         if self.pooling == "cls":
             return hidden[:, 0]  # (N, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
@@ -186,6 +186,10 @@ class SpecLoRAModule(L.LightningModule):
             raise ValueError("a training batch holds no labelled example")
         total = sum(self.task_weights[t] * loss for t, loss in per_task.items())
         return total, per_task
+
+    def on_after_backward(self) -> None:
+        self.method.after_backward(self, self._step_task_losses)
+        self._step_task_losses = {}
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -204,6 +208,10 @@ class SpecLoRAModule(L.LightningModule):
         outputs = self(batch)
         loss, per_task = self._total_loss(outputs)
         n = batch["input_ids"].shape[0]
+        for name, term in self.method.extra_losses(self, batch, outputs).items():
+            self.log(f"train/{name}", term.detach(), batch_size=n)
+            loss = loss + term
+        self._step_task_losses = per_task
         self.log("train/loss", loss, prog_bar=True, batch_size=n)
         for t, task_loss in per_task.items():
             self.log(f"train/{self.specs[t].name}/loss", task_loss.detach(), batch_size=n)
@@ -307,6 +315,10 @@ class SpecLoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ adapters in peft format
     def export_adapters(self, out_dir: str | Path) -> list[Path]:
+        """Write each task's adapter (the method's format; peft for LoRA-shaped ones) under ``out_dir/<task>``."""
+        return self.method.export(self, Path(out_dir))
+
+    def export_peft_adapters(self, out_dir: str | Path) -> list[Path]:
         """Write each task's adapter as a peft folder (plus its head) under ``out_dir/<task>``."""
         from safetensors.torch import save_file
 
@@ -316,7 +328,7 @@ class SpecLoRAModule(L.LightningModule):
         written = []
         for t, spec in enumerate(self.specs):
             folder = out_dir / spec.name
-            adapter = 0 if self.num_adapters == 1 else t
+            adapter = self.method.adapter_of_task(t)
             export_adapter(
                 self.encoder, adapter, folder, base_model_name_or_path=resolve_backbone(self.backbone_name),
                 targets=list(self.targets), r=self.lora_cfg.r, alpha=self.lora_cfg.alpha,
@@ -326,7 +338,7 @@ class SpecLoRAModule(L.LightningModule):
             save_file(head, str(folder / "head.safetensors"))
             (folder / "speclora_task.json").write_text(json.dumps(
                 {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-                 "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method}, indent=2))
+                 "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method_name}, indent=2))
             written.append(folder)
         return written
 
@@ -341,7 +353,7 @@ class SpecLoRAModule(L.LightningModule):
             folder = in_dir / spec.name
             if not folder.is_dir():
                 raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
-            import_adapter(self.encoder, folder, 0 if self.num_adapters == 1 else t)
+            import_adapter(self.encoder, folder, self.method.adapter_of_task(t))
             self.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
 
 

@@ -44,7 +44,7 @@ def test_methods_hold_the_right_adapters(tiny_backbone):
 
 
 def test_single_refuses_several_tasks(tiny_backbone):
-    with pytest.raises(ValueError, match="model.method='single' trains one task alone"):
+    with pytest.raises(ValueError, match="model.method=Single trains one task alone"):
         SpecLoRAModule(TASKS, backbone=tiny_backbone, method="single")
 
 
