@@ -15,13 +15,14 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from speclora.methods import Independent, Method, get_method
 from speclora.metrics import TaskMetrics
 from speclora.model.backbone import resolve_backbone
 from speclora.model.heads import TaskHeads, TaskOutput
-from speclora.model.lora import AdapterRouter, LoRASlot, lora_modules, resolve_targets
+from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
 from speclora.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class SpecLoRAModule(L.LightningModule):
         self._entry_task = {entry: spec.name for spec in self.specs for entry in (spec.name, *spec.eval_names)}
         self.register_buffer("task_weights", torch.ones(len(self.specs)), persistent=False)
         self._step_task_losses: dict[int, Tensor] = {}
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))  # non-finite steps dropped
         self._seen_entries: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ forward
@@ -187,6 +189,20 @@ class SpecLoRAModule(L.LightningModule):
         total = sum(self.task_weights[t] * loss for t, loss in per_task.items())
         return total, per_task
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A non-finite gradient (from any method or callback) must never reach the parameters: drop
+        # every gradient of this step (AdamW skips parameters whose .grad is None), count it, say so.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):
+            self.skipped_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            rank_zero_warn(f"non-finite gradient at step {self.global_step}: the update was skipped "
+                           f"({int(self.skipped_steps)} skipped so far)")
+        self.log("train/skipped_steps", self.skipped_steps.float(), batch_size=1)
+
     def on_after_backward(self) -> None:
         self.method.after_backward(self, self._step_task_losses)
         self._step_task_losses = {}
@@ -201,8 +217,11 @@ class SpecLoRAModule(L.LightningModule):
             n = torch.tensor(sizes, dtype=torch.float32, device=self.device)
             self.task_weights = len(sizes) * n / n.sum()  # λ_t = T n_t / Σ n
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        adapters = sum(p.numel() for _, m in lora_modules(self.encoder) for p in m.parameters() if p.requires_grad)
-        log.info("trainable parameters: %d (adapters %d, heads %d)", trainable, adapters, trainable - adapters)
+        adapters = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
+        rank_zero_info(f"trainable parameters: {trainable:,} (encoder side {adapters:,}, heads {trainable - adapters:,}), "
+                       f"method {self.method_name}")
+        for logger in self.loggers:
+            logger.log_metrics({"params/trainable": float(trainable), "params/encoder_side": float(adapters)}, step=0)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self(batch)

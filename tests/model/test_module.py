@@ -111,3 +111,30 @@ def test_export_import_round_trip(tiny_backbone, batch, tmp_path):
     for t in a:
         assert torch.allclose(a[t].loss, b[t].loss, atol=1e-6)
         assert torch.equal(a[t].preds, b[t].preds)
+
+
+def test_non_finite_gradients_never_reach_the_parameters(tiny_backbone, data_root, tmp_path):
+    import lightning as L
+    from lightning.pytorch import Callback
+
+    class Poison(Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 0:  # NaN in one adapter's gradient on the first step only
+                _, layer = lora_modules(pl_module.encoder)[0]
+                layer.lora_B.grad[0, 0, 0] = float("nan")
+
+    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
+                             batch_size=4, cache_dir=str(tmp_path))
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone)
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, callbacks=[Poison()], use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    assert int(module.skipped_steps) == 1
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), f"{name} moved on a skipped step"
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)  # a clean step moves the adapters again
+    assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)
