@@ -7,15 +7,22 @@ from lightning.pytorch.cli import LightningCLI
 
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.module import SpecLoRAModule
+from speclora.submission import SubmissionWriter
 
 
 class SpecLoRACLI(LightningCLI):
-    """Links the data and the model: the task list and its order, the tokenizer, the seed."""
+    """Links the data and the model: the task list and its order, the tokenizer, the seed.
+
+    ``speclora predict`` writes the leaderboard files through the ``submission`` group
+    (:class:`~speclora.submission.SubmissionWriter`: ``--submission.out_dir``, ``--submission.adapters_dir``);
+    the writer acts only in predict.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.tasks", "model.tasks")
         parser.link_arguments("model.backbone", "data.tokenizer")
         parser.link_arguments("seed_everything", "data.seed")
+        parser.add_lightning_class_args(SubmissionWriter, "submission")
 
 
 def trainer_defaults() -> dict:

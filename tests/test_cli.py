@@ -47,7 +47,7 @@ def test_every_config_parses(config, tiny_backbone, data_root):
 
 
 def test_fit_then_test_through_the_cli(tiny_backbone, data_root, tmp_path):
-    args = _tiny_args(tiny_backbone, data_root, tmp_path / "runs", tmp_path / "cache",
+    args = _tiny_args(tiny_backbone, data_root, tmp_path / "runs", tmp_path.parent / "token_cache",
                       "--trainer.max_steps", "4", "--trainer.val_check_interval", "2")
     cli = main(["fit", *args])
     metrics = cli.trainer.callback_metrics
@@ -85,7 +85,7 @@ def test_resume_mid_epoch_continues_exactly(tiny_backbone, data_root, tmp_path):
         defaults["callbacks"] = [record]
         extra = ["--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
                  "--trainer.enable_checkpointing", "false"]
-        args = _tiny_args(tiny_backbone, data_root, root, tmp_path / "cache", *extra)
+        args = _tiny_args(tiny_backbone, data_root, root, tmp_path.parent / "token_cache", *extra)
         cli = SpecLoRACLI(SpecLoRAModule, MultiTaskDataModule, run=False, trainer_defaults=defaults, args=args)
         if every:
             from lightning.pytorch.callbacks import ModelCheckpoint

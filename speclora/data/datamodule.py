@@ -9,7 +9,9 @@ Splits (test labels are not public, so the labelled test split is carved out of 
 ``split_rule="dev"``
     validation and test are both the official dev set (what most papers report).
 
-The official (unlabelled) test files are the ``predict`` split, for leaderboard submissions.
+The official (unlabelled) test files are the ``predict`` split, for leaderboard submissions, with the
+diagnostics (GLUE AX, SuperGLUE AX-b/AX-g) that an entailment task of the run predicts; or, after
+:meth:`MultiTaskDataModule.predict_examples`, new inputs of one task.
 Training batches mix tasks with :class:`~speclora.data.mixture.MixtureBatchSampler`; every row carries
 its task index. Evaluation runs one dataloader per evaluated entry (MNLI has two), each batch naming
 its entry.
@@ -28,18 +30,21 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from speclora.data.glue_readers import read_tsv
 from speclora.data.mixture import MixtureBatchSampler, mixing_probabilities
-from speclora.data.sources import read_hub_split, read_split, resolve_data_root
+from speclora.data.sources import DIAGNOSTICS, KNOWN_MISSING, read_hub_split, read_split, resolve_data_root
+from speclora.data.superglue_readers import read_jsonl
 from speclora.data.tokenized import (
     MultiTaskCollator,
     TokenizedSplit,
     cache_key,
     file_fingerprint,
     load_or_tokenize,
+    tokenize_examples,
     tokenizer_fingerprint,
 )
 from speclora.model.backbone import resolve_backbone
-from speclora.tasks import TaskSpec, resolve_tasks
+from speclora.tasks import Example, TaskSpec, get_task, resolve_tasks
 from speclora.tasks.registry import LARGE_TASK_HOLDOUT
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,36 @@ log = logging.getLogger(__name__)
 DEFAULT_SUITE = ["cola", "sst2", "mrpc", "stsb", "rte", "cb", "copa", "wic", "wsc", "multirc"]
 
 Stage = Literal["train", "validation", "test", "predict"]
+
+# Diagnostics predicted with the test files: entry -> (file under the data root, the entailment tasks whose
+# head predicts it, preferred first). GLUE's AX is download_glue_data.py's diagnostic/diagnostic.tsv (not in
+# shared/data), read with MNLI's columns; SuperGLUE's AX-b/AX-g are read as RTE (AX-b names its fields
+# sentence1/sentence2). GLUE RTE and SuperGLUE RTE are the same data, so either head predicts AX-b/AX-g.
+PREDICT_DIAGNOSTICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ax": ("glue/diagnostic/diagnostic.tsv", ("mnli",)),
+    "ax_b": (DIAGNOSTICS["AX-b"], ("sg_rte", "rte")),
+    "ax_g": (DIAGNOSTICS["AX-g"], ("sg_rte", "rte")),
+}
+
+
+def read_predict_diagnostic(entry: str, data_root: Path) -> list[Example]:
+    """The unlabelled inputs of a diagnostic entry of :data:`PREDICT_DIAGNOSTICS` (labels are not read).
+
+    Raises:
+        ValueError: an unknown entry. FileNotFoundError: naming the path expected under the data root.
+    """
+    if entry not in PREDICT_DIAGNOSTICS:
+        raise ValueError(f"unknown diagnostic entry {entry!r}; allowed: {', '.join(PREDICT_DIAGNOSTICS)}")
+    rel, _ = PREDICT_DIAGNOSTICS[entry]
+    path = Path(data_root) / rel
+    if not path.is_file():
+        hint = (" (download_glue_data.py writes it as glue_data/diagnostic/diagnostic.tsv; shared/data does"
+                " not hold it)" if entry == "ax" else "")
+        raise FileNotFoundError(f"diagnostic {entry}: file not found: {path} (expected {rel} under the data "
+                                f"root){hint}")
+    if path.suffix == ".tsv":
+        return read_tsv(get_task("mnli"), path, labelled=False, headerless=False)
+    return read_jsonl(get_task("sg_rte"), path, labelled=False)
 
 
 class _Part(Dataset):
@@ -226,6 +261,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._tokenizer = None
         self._parts: dict[Stage, list[tuple[str, _Part]]] = {}
         self._train_sampler: MixtureBatchSampler | None = None
+        self._predict_inputs: tuple[str, list[Example]] | None = None
+        self.predict_skipped: dict[str, str] = {}  # predict entry -> why it has no dataloader
 
     # ------------------------------------------------------------------ building blocks
     @property
@@ -283,6 +320,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Tokenise (and cache) every split the run needs, once per machine."""
+        if self.trainer is not None and self.trainer.state.fn == "predict":
+            return  # predict reads only the test files (and diagnostics), in setup("predict")
         for spec in self.specs:
             for split in self._file_splits(spec):
                 self._tokenized(spec, *split)
@@ -300,12 +339,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", "test", None) and "train" not in self._parts:
             self._build_labelled()
         if stage in ("predict",) and "predict" not in self._parts:
-            self._parts["predict"] = [
-                (name, _Part(tok, torch.arange(len(tok)), ti))
-                for ti, spec in enumerate(self.specs)
-                for name, es in zip(spec.eval_names, spec.eval_sets)
-                for tok in [self._tokenized(spec, es.test_split)]
-            ]
+            self._build_predict()
 
     def _build_labelled(self) -> None:
         train, val, test = [], [], []
@@ -344,6 +378,84 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._parts.update(train=train, validation=val, test=test)
         sizes = self.train_sizes
         log.info("train examples per task: %s", dict(zip(self.tasks, sizes)))
+
+    # ------------------------------------------------------------------ predict: test files, diagnostics, inputs
+    def _build_predict(self) -> None:
+        """One part per official test file of the run's entries, then one per diagnostic (PREDICT_DIAGNOSTICS)
+        that an entailment task of the run predicts; or, after :meth:`predict_examples`, the new inputs alone.
+
+        A missing test file (SOURCES.md lists MNLI, QQP and ReCoRD as absent offline), a missing diagnostic
+        file or a diagnostic without its entailment task is skipped and named in ``predict_skipped``.
+        """
+        if self._predict_inputs is not None:
+            task, examples = self._predict_inputs
+            tok = tokenize_examples(examples, self.tokenizer, self.max_length)
+            self._parts["predict"] = [("inputs", _Part(tok, torch.arange(len(tok)), self.tasks.index(task)))]
+            self.predict_skipped = {}
+            return
+        parts: list[tuple[str, _Part]] = []
+        skipped: dict[str, str] = {}
+        for ti, spec in enumerate(self.specs):
+            for name, es in zip(spec.eval_names, spec.eval_sets):
+                if self.source == "local":
+                    path = resolve_data_root(self.data_dir) / spec.files[es.test_split]
+                    if not path.is_file():
+                        known = KNOWN_MISSING.get(spec.name, frozenset())
+                        listed = known is None or es.test_split in known
+                        skipped[name] = f"test file not found: {path}" + (
+                            " (shared/data/SOURCES.md lists it as missing)" if listed else "")
+                        continue
+                tok = self._tokenized(spec, es.test_split)
+                parts.append((name, _Part(tok, torch.arange(len(tok)), ti)))
+        for name, (rel, by) in PREDICT_DIAGNOSTICS.items():
+            task = next((t for t in by if t in self.tasks), None)
+            if task is None:
+                skipped[name] = (f"diagnostic {name} is predicted by an entailment task ({' or '.join(by)})"
+                                 f" and the run has none (tasks: {', '.join(self.tasks)})")
+                continue
+            try:
+                tok = self._tokenized_diagnostic(name, rel)
+            except FileNotFoundError as err:
+                skipped[name] = str(err)
+                continue
+            parts.append((name, _Part(tok, torch.arange(len(tok)), self.tasks.index(task))))
+        if not parts:
+            raise FileNotFoundError("predict: no test file of the run could be read: "
+                                    + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        for name, why in skipped.items():
+            log.warning("predict: no predictions for %s: %s", name, why)
+        self._parts["predict"] = parts
+        self.predict_skipped = skipped
+
+    def _tokenized_diagnostic(self, entry: str, rel: str) -> TokenizedSplit:
+        root = resolve_data_root(self.data_dir)
+        path = root / rel
+        source_fp = file_fingerprint(path) if path.is_file() else f"missing:{rel}"
+        fp = tokenizer_fingerprint(self.tokenizer)
+        key = cache_key(fp, "diagnostic", entry, self.max_length, source_fp)
+        return load_or_tokenize(self._cache_path(), key, lambda: read_predict_diagnostic(entry, root),
+                                self.tokenizer, self.max_length)
+
+    def predict_examples(self, task: str, examples: list[Example]) -> None:
+        """Predict these examples (new inputs of one task of the run) instead of the test files.
+
+        Raises:
+            ValueError: a task that is not in the run, or no examples.
+        """
+        name = get_task(task).name
+        if name not in self.tasks:
+            raise ValueError(f"task {task!r} is not in the run; its tasks: {', '.join(self.tasks)}")
+        if not examples:
+            raise ValueError(f"predict_examples: no examples given for {name}")
+        self._predict_inputs = (name, list(examples))
+        self._parts.pop("predict", None)
+
+    def predict_sources(self) -> list[tuple[str, str, TokenizedSplit]]:
+        """``(entry, task, tokenised split)`` of each predict dataloader, in dataloader order.
+
+        A batch's ``uid`` indexes the split: ``split.idx[uid]`` is the official index of its example.
+        """
+        return [(name, self.tasks[part.task_index], part.split) for name, part in self._parts["predict"]]
 
     # ------------------------------------------------------------------ what the rest of the run reads
     @property

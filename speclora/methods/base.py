@@ -12,6 +12,10 @@ Hooks, in the order a training step calls them::
     before_encode(module, batch)        e.g. set per-row scales on the router
     extra_losses(module, batch, outputs) -> {name: weighted term}, added to Σ_t λ_t L_t
     after_backward(module, per_task_losses)  e.g. replace the gradients of shared parameters
+    after_optimizer_step(module)        after the step, gradients still held (e.g. AdaLoRA's rank allocation)
+
+with ``on_fit_start(module)`` once before the first step (the trainer's step budget is known), and,
+outside training, ``export(module, out_dir)`` / ``load(module, in_dir)`` for the adapters' files.
 """
 
 from __future__ import annotations
@@ -64,6 +68,17 @@ class Method:
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """Called after the backward of the total loss, before the optimizer step."""
 
+    def callbacks(self, module: SpecLoRAModule) -> list:
+        """Lightning callbacks the method needs (``configure_callbacks``); ``module.trainer`` is attached."""
+        return []
+
+    def on_fit_start(self, module: SpecLoRAModule) -> None:
+        """Called once when fitting starts, after the optimizer is built (``module.trainer`` is attached)."""
+
+    def after_optimizer_step(self, module: SpecLoRAModule) -> None:
+        """Called after each optimizer step, before the gradients are zeroed; ``module.global_step`` does not
+        count this step yet (it is the step's 0-based index)."""
+
     # ------------------------------------------------------------------ export
     def adapter_of_task(self, task_index: int) -> int:
         """Which stacked adapter holds a task's LoRA (for export)."""
@@ -72,6 +87,10 @@ class Method:
     def export(self, module: SpecLoRAModule, out_dir: Path) -> list[Path]:
         """Write each task's adapter; the default is the peft format (speclora.model.peft_io)."""
         return module.export_peft_adapters(out_dir)
+
+    def load(self, module: SpecLoRAModule, in_dir: Path) -> None:
+        """Load what :meth:`export` wrote back into the module; the default reads the peft format."""
+        module.import_peft_adapters(in_dir)
 
     def hparams(self) -> dict[str, Any]:
         """The method as a LightningCLI config value (class path and constructor arguments)."""

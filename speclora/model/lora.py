@@ -11,6 +11,14 @@ LoRA layer of a model; the LightningModule sets it before each forward.
 
 All tasks' A start equal (one draw per module, copied into every adapter) and B starts at zero, so that
 the same coordinate means the same thing in every task (shared/DESIGN.md, "The parameter graph").
+
+Two optional per-forward inputs, carried by the router for methods that generate part of the update
+(speclora.methods.unolora, speclora.methods.hyperformer); layer ``slot`` k reads entry k of each:
+
+- a rank-wise scale per row, ``router.scales: (S, N, r)``:
+  ``y_n = W x_n + b + (alpha / r) * B_{a(n)} diag(s_{k,n}) A_{a(n)} dropout(x_n)``;
+- externally generated adapters, ``router.weights[k] = (A: (T, r, d_in), B: (T, d_out, r))``, used instead
+  of the layer's own ``lora_A`` / ``lora_B`` through the same per-row gather.
 """
 
 from __future__ import annotations
@@ -47,23 +55,35 @@ ATTENTION_PRESET = "attention"
 
 
 class AdapterRouter:
-    """Holds the per-row adapter index of the current batch, shared by every LoRA layer of a model.
+    """Holds the per-row state of the current batch, shared by every LoRA layer of a model.
 
     ``index: (N,)`` long, row n -> adapter a(n); ``None`` when unset. Layers with a single adapter ignore it.
+    ``scales: (S, N, r)``, the rank-wise scale of row n in layer slot k (``None``: no scaling).
+    ``weights``: per slot k, generated ``(A: (T, r, d_in), B: (T, d_out, r))`` that replace the layer's own
+    parameters (``None``: the layers use their ``lora_A`` / ``lora_B``).
+    ``num_slots``: S, the number of LoRA layers sharing this router (set by :func:`inject_lora`).
     """
 
-    def __init__(self, num_adapters: int | None = None) -> None:
+    def __init__(self, num_adapters: int | None = None, num_slots: int | None = None) -> None:
         self.num_adapters = num_adapters
+        self.num_slots = num_slots
         self.index: torch.Tensor | None = None
+        self.scales: torch.Tensor | None = None
+        self.weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def set(self, index: torch.Tensor | None) -> None:
-        """Route row n of the next forward through adapter ``index[n]``; ``None`` clears the routing.
+        """Route row n of the next forward through adapter ``index[n]``.
+
+        ``None`` ends a forward: it clears the index and also any scales or generated weights, so that no
+        per-batch state outlives its batch.
 
         The range check reads ``index.min()/max()`` once per call (one device sync per step, not per layer),
         so that a bad task id fails here with a message instead of as a device-side assert in a gather.
         """
         if index is None:
             self.index = None
+            self.scales = None
+            self.weights = None
             return
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
             shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
@@ -78,15 +98,61 @@ class AdapterRouter:
                 )
         self.index = index.long()
 
+    def set_scales(self, scales: torch.Tensor | None) -> None:
+        """Scale rank component i of row n in layer slot k by ``scales[k, n, i]`` in the next forward.
+
+        scales: (S, N, r) floating, S = ``num_slots``; ``None`` removes the scaling.
+        """
+        if scales is None:
+            self.scales = None
+            return
+        if not isinstance(scales, torch.Tensor) or scales.dim() != 3 or not scales.dtype.is_floating_point:
+            got = (
+                (tuple(scales.shape), scales.dtype)
+                if isinstance(scales, torch.Tensor)
+                else type(scales).__name__
+            )
+            raise ValueError(f"router scales: expected a floating tensor (S, N, r), got {got}")
+        if self.num_slots is not None and scales.shape[0] != self.num_slots:
+            raise ValueError(
+                f"router scales: expected one entry per LoRA slot, S = {self.num_slots}, got {scales.shape[0]}"
+            )
+        if self.index is not None and scales.shape[1] != self.index.shape[0]:
+            raise ValueError(
+                f"router scales: {scales.shape[1]} rows but the routing index has {self.index.shape[0]}"
+            )
+        self.scales = scales
+
+    def set_weights(self, weights: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        """Run the next forward with generated adapters: ``weights[k] = (A: (T, r, d_in), B: (T, d_out, r))``
+        for layer slot k, in slot order. Each layer checks its own shapes; ``None`` returns to the parameters."""
+        if weights is None:
+            self.weights = None
+            return
+        weights = list(weights)
+        if self.num_slots is not None and len(weights) != self.num_slots:
+            raise ValueError(
+                f"router weights: expected one (A, B) pair per LoRA slot, S = {self.num_slots}, got {len(weights)}"
+            )
+        self.weights = weights
+
     def __repr__(self) -> str:
         shape = None if self.index is None else tuple(self.index.shape)
-        return f"AdapterRouter(num_adapters={self.num_adapters}, index={shape})"
+        scales = None if self.scales is None else tuple(self.scales.shape)
+        generated = self.weights is not None
+        return (
+            f"AdapterRouter(num_adapters={self.num_adapters}, num_slots={self.num_slots}, index={shape}, "
+            f"scales={scales}, generated_weights={generated})"
+        )
 
 
 class MultiTaskLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus T stacked LoRA adapters, one picked per batch row by the router.
 
-    y = W x + b + (alpha/r) * B_{a(n)} A_{a(n)} dropout(x),   a(n) = router.index[n]
+    y = W x + b + (alpha/r) * B_{a(n)} diag(s_n) A_{a(n)} dropout(x),   a(n) = router.index[n]
+
+    with s_n = router.scales[slot, n] when the router carries scales, else 1; and A, B the router's
+    generated ``weights[slot]`` when it carries them, else this layer's ``lora_A`` / ``lora_B``.
 
     Shapes: x: (N, L, d_in) or (N, d_in) -> y: (N, L, d_out) or (N, d_out);
     lora_A: (T, r, d_in), lora_B: (T, d_out, r); W = base.weight: (d_out, d_in), frozen.
@@ -99,6 +165,8 @@ class MultiTaskLoRALinear(nn.Module):
         dropout: dropout probability on the LoRA branch's input, in [0, 1).
         router: the shared per-row adapter index.
         init_A: (r, d_in), copied into every adapter; ``None`` draws one kaiming-uniform A from the global RNG.
+        slot: this layer's position k among the router's layers (the entry it reads of ``router.scales``
+            and ``router.weights``); ``None`` for a layer that takes neither.
     """
 
     def __init__(
@@ -110,6 +178,7 @@ class MultiTaskLoRALinear(nn.Module):
         dropout: float,
         router: AdapterRouter,
         init_A: torch.Tensor | None = None,
+        slot: int | None = None,
     ) -> None:
         super().__init__()
         _check_hparams(num_adapters=num_adapters, r=r, alpha=alpha, dropout=dropout)
@@ -121,6 +190,7 @@ class MultiTaskLoRALinear(nn.Module):
         self.r = r
         self.alpha = float(alpha)
         self.router = router
+        self.slot = slot
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         d_out, d_in = base.weight.shape
@@ -150,14 +220,54 @@ class MultiTaskLoRALinear(nn.Module):
         """alpha / r."""
         return self.alpha / self.r
 
+    def _slot_entry(self, kind: str) -> int:
+        if self.slot is None:
+            raise RuntimeError(
+                f"MultiTaskLoRALinear without a slot: the router carries {kind}, but this layer does not know "
+                "its entry; build the layers with inject_lora (or pass slot=)"
+            )
+        return self.slot
+
+    def adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The A: (T, r, d_in) and B: (T, d_out, r) of the next forward: generated ones if the router carries
+        them, else the parameters."""
+        if self.router.weights is None:
+            return self.lora_A, self.lora_B
+        A, B = self.router.weights[self._slot_entry("generated weights")]
+        want_A = (self.num_adapters, self.r, self.in_features)
+        want_B = (self.num_adapters, self.out_features, self.r)
+        if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
+            raise ValueError(
+                f"router weights[{self.slot}]: expected A {want_A} and B {want_B} (T, r, d_in / d_out, r), "
+                f"got A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        return A, B
+
+    def row_scales(self, n: int) -> torch.Tensor | None:
+        """(N, r) rank-wise scale of each row in this layer, or ``None`` when the router carries none."""
+        if self.router.scales is None:
+            return None
+        s = self.router.scales[self._slot_entry("scales")]  # (N, r)
+        if tuple(s.shape) != (n, self.r):
+            raise ValueError(
+                f"router scales[{self.slot}]: expected (N, r) = {(n, self.r)}, got {tuple(s.shape)}"
+            )
+        return s
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out)."""
         y = self.base(x)  # (N, [L,] d_out) = W x + b
-        h = self.dropout(x).to(self.lora_A.dtype)  # (N, [L,] d_in)
+        lora_A, lora_B = self.adapters()  # (T, r, d_in), (T, d_out, r)
+        h = self.dropout(x).to(lora_A.dtype)  # (N, [L,] d_in)
+        n = x.shape[0]
+        scales = self.row_scales(n)  # (N, r) or None
         if self.num_adapters == 1:
             # one adapter for every row: plain matmuls, no gather
-            z = h @ self.lora_A[0].transpose(0, 1)  # (N, [L,] r) = A x
-            z = z @ self.lora_B[0].transpose(0, 1)  # (N, [L,] d_out) = B A x
+            z = h @ lora_A[0].transpose(0, 1)  # (N, [L,] r) = A x
+            if scales is not None:
+                s_n = scales.reshape(n, *([1] * (z.dim() - 2)), self.r)  # (N, [1,] r)
+                z = z * s_n.to(z.dtype)  # (N, [L,] r) = diag(s_n) A x
+            z = z @ lora_B[0].transpose(0, 1)  # (N, [L,] d_out) = B diag(s_n) A x
             return y + (self.scaling * z).to(y.dtype)
 
         index = self.router.index
@@ -166,17 +276,18 @@ class MultiTaskLoRALinear(nn.Module):
                 f"MultiTaskLoRALinear with {self.num_adapters} adapters: the router's index is unset; "
                 "call router.set(adapter_index) before the forward"
             )
-        n = x.shape[0]
         if index.shape[0] != n:
             raise ValueError(
                 f"router index has {index.shape[0]} rows but the input has {n} (x: {tuple(x.shape)})"
             )
         index = index.to(x.device)
-        A = self.lora_A[index]  # (N, r, d_in) = A_{a(n)}
-        B = self.lora_B[index]  # (N, d_out, r) = B_{a(n)}
+        A = lora_A[index]  # (N, r, d_in) = A_{a(n)}
+        B = lora_B[index]  # (N, d_out, r) = B_{a(n)}
         h = h.reshape(n, -1, self.in_features)  # (N, L, d_in); L = 1 for a 2-D input
         z = torch.bmm(h, A.transpose(1, 2))  # (N, L, r) = A_{a(n)} x
-        z = torch.bmm(z, B.transpose(1, 2))  # (N, L, d_out) = B_{a(n)} A_{a(n)} x
+        if scales is not None:
+            z = z * scales.unsqueeze(1).to(z.dtype)  # (N, L, r) = diag(s_n) A_{a(n)} x
+        z = torch.bmm(z, B.transpose(1, 2))  # (N, L, d_out) = B_{a(n)} diag(s_n) A_{a(n)} x
         z = z.reshape(y.shape)  # (N, [L,] d_out)
         return y + (self.scaling * z).to(y.dtype)
 
@@ -266,7 +377,8 @@ def inject_lora(
     a ``torch.Generator`` seeded with ``seed``, copied into all ``num_adapters`` adapters; B = 0.
 
     Returns:
-        the router shared by all the new layers, and one :class:`LoRASlot` per wrapped linear, in model order.
+        the router shared by all the new layers, and one :class:`LoRASlot` per wrapped linear, in model order;
+        the layer of ``slots[k]`` has ``slot = k`` (its entry of ``router.scales`` / ``router.weights``).
     """
     _check_hparams(num_adapters=num_adapters, r=r, alpha=alpha, dropout=dropout)
     if isinstance(targets, str):
@@ -302,15 +414,16 @@ def inject_lora(
                 "graph needs a layer index, so give a more specific suffix (e.g. 'attention.output.dense')"
             )
 
-    router = AdapterRouter(num_adapters)
+    ordered = [n for n in linears if n in chosen]  # model order
+    router = AdapterRouter(num_adapters, num_slots=len(ordered))
     generator = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
     slots: list[LoRASlot] = []
-    for name in (n for n in linears if n in chosen):  # model order
+    for k, name in enumerate(ordered):
         base = modules[name]
         init_A = torch.empty(r, base.in_features)  # (r, d_in)
         nn.init.kaiming_uniform_(init_A, a=math.sqrt(5), generator=generator)
-        wrapped = MultiTaskLoRALinear(base, num_adapters, r, alpha, dropout, router, init_A=init_A)
+        wrapped = MultiTaskLoRALinear(base, num_adapters, r, alpha, dropout, router, init_A=init_A, slot=k)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
         slots.append(LoRASlot(name, layers[name], chosen[name], base.in_features, base.out_features))

@@ -207,6 +207,13 @@ class SpecLoRAModule(L.LightningModule):
         self.method.after_backward(self, self._step_task_losses)
         self._step_task_losses = {}
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.after_optimizer_step(self)  # the gradients are zeroed only in the next step's closure
+
+    def configure_callbacks(self) -> list:
+        return self.method.callbacks(self)
+
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -216,12 +223,21 @@ class SpecLoRAModule(L.LightningModule):
                 raise ValueError("model.loss_weights='size' needs a datamodule that reports train_sizes")
             n = torch.tensor(sizes, dtype=torch.float32, device=self.device)
             self.task_weights = len(sizes) * n / n.sum()  # λ_t = T n_t / Σ n
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        adapters = sum(p.numel() for p in self.encoder.parameters() if p.requires_grad)
-        rank_zero_info(f"trainable parameters: {trainable:,} (encoder side {adapters:,}, heads {trainable - adapters:,}), "
-                       f"method {self.method_name}")
+        counts = self.trainable_parameters()
+        rank_zero_info(f"trainable parameters: {counts['trainable']:,} (encoder side {counts['encoder_side']:,}, "
+                       f"method modules {counts['method']:,}, heads {counts['heads']:,}), method {self.method_name}")
         for logger in self.loggers:
-            logger.log_metrics({"params/trainable": float(trainable), "params/encoder_side": float(adapters)}, step=0)
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+        self.method.on_fit_start(self)
+
+    def trainable_parameters(self) -> dict[str, int]:
+        """Trainable parameter counts: all, in the encoder (adapters or the whole encoder), method modules, heads."""
+
+        def count(module: nn.Module | None) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+        return {"trainable": count(self), "encoder_side": count(self.encoder), "method": count(self.method_net),
+                "heads": count(self.heads)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         outputs = self(batch)
@@ -312,9 +328,13 @@ class SpecLoRAModule(L.LightningModule):
         cfg = self.optim_cfg
         adapter_params = [p for n, p in self.encoder.named_parameters() if p.requires_grad]
         head_params = [p for p in self.heads.parameters() if p.requires_grad]
+        # a method's own trainable modules (hypernetworks) learn at the adapters' rate
+        method_net = self.method_net if self.method_net is not None else nn.Module()
+        method_params = [p for p in method_net.parameters() if p.requires_grad]
         groups = [
             {"params": adapter_params, "lr": cfg.lr, "name": "adapters"},
             {"params": head_params, "lr": cfg.head_lr or cfg.lr, "name": "heads"},
+            {"params": method_params, "lr": cfg.lr, "name": "method"},
         ]
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
@@ -362,7 +382,11 @@ class SpecLoRAModule(L.LightningModule):
         return written
 
     def import_adapters(self, in_dir: str | Path) -> None:
-        """Load adapters (and heads) written by :meth:`export_adapters` back into their task slots."""
+        """Load adapters (and heads) written by :meth:`export_adapters` (the method's format)."""
+        self.method.load(self, Path(in_dir))
+
+    def import_peft_adapters(self, in_dir: str | Path) -> None:
+        """Load peft folders (and heads) written by :meth:`export_peft_adapters` back into their task slots."""
         from safetensors.torch import load_file
 
         from speclora.model.peft_io import import_adapter

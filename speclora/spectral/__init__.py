@@ -1,0 +1,97 @@
+"""The spectral machinery of speclora: pure functions on the parameter graph (shared/DESIGN.md).
+
+graph.py (nodes, edges, statistics) → correlation.py (EMA gradient correlations, edge weights) →
+laplacian.py (L, L_sym) → eigen.py (k smallest eigenpairs) → filters.py (spectral filters, learned
+coefficients, band energy) and regularizer.py (spectral losses).
+"""
+
+from speclora.spectral.correlation import (
+    EdgeCorrelation,
+    edge_weights,
+    fixed_weights,
+    magnitude_weights,
+    stack_signals,
+    unstack_signals,
+)
+from speclora.spectral.eigen import (
+    DENSE_THRESHOLD,
+    FALLBACK_DENSE_THRESHOLD,
+    EigenResult,
+    EigenSolverError,
+    check_k,
+    smallest_eigenpairs,
+)
+from speclora.spectral.filters import (
+    TABLE2_EDGES,
+    TABLE3_COEFFICIENTS,
+    TABLE3_EDGES,
+    band_energy,
+    band_response,
+    coordination_response,
+    eigen_lr_response,
+    hypergradient_update,
+    low_pass_projector,
+    project_low,
+    spectral_filter,
+)
+from speclora.spectral.graph import (
+    EDGE_INTER_LAYER,
+    EDGE_INTER_TASK,
+    EDGE_INTRA,
+    EDGE_KINDS,
+    KIND_A,
+    KIND_B,
+    GraphLayout,
+    build_edges,
+    class_subgraph,
+    graph_statistics,
+    node_features,
+    sparsify_topk,
+    to_pyg,
+)
+from speclora.spectral.laplacian import laplacian, laplacian_dense, spectral_bound
+from speclora.spectral.regularizer import dirichlet_energy, high_pass_energy
+
+__all__ = [
+    "DENSE_THRESHOLD",
+    "EDGE_INTER_LAYER",
+    "EDGE_INTER_TASK",
+    "EDGE_INTRA",
+    "EDGE_KINDS",
+    "FALLBACK_DENSE_THRESHOLD",
+    "KIND_A",
+    "KIND_B",
+    "TABLE2_EDGES",
+    "TABLE3_COEFFICIENTS",
+    "TABLE3_EDGES",
+    "EdgeCorrelation",
+    "EigenResult",
+    "EigenSolverError",
+    "GraphLayout",
+    "band_energy",
+    "band_response",
+    "build_edges",
+    "check_k",
+    "class_subgraph",
+    "coordination_response",
+    "dirichlet_energy",
+    "edge_weights",
+    "eigen_lr_response",
+    "fixed_weights",
+    "graph_statistics",
+    "high_pass_energy",
+    "hypergradient_update",
+    "laplacian",
+    "laplacian_dense",
+    "low_pass_projector",
+    "magnitude_weights",
+    "node_features",
+    "project_low",
+    "smallest_eigenpairs",
+    "sparsify_topk",
+    "spectral_bound",
+    "spectral_filter",
+    "stack_signals",
+    "to_pyg",
+    "unstack_signals",
+]

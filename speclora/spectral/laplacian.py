@@ -42,7 +42,7 @@ def laplacian(
     w = None if edge_weight is None else edge_weight.to(dtype)  # (E,)
     # L = D − W  |  L_sym = I − D^{-1/2} W D^{-1/2}   (diagonal entries appended as self-loops)
     idx, val = get_laplacian(edge_index, w, normalization=normalization, dtype=dtype, num_nodes=num_nodes)
-    return torch.sparse_coo_tensor(idx, val, (num_nodes, num_nodes)).coalesce()  # (n, n) sparse
+    return torch.sparse_coo_tensor(idx, val, (num_nodes, num_nodes), check_invariants=False).coalesce()  # (n, n) sparse
 
 
 def laplacian_dense(

@@ -14,7 +14,7 @@ TASKS = ["rte", "stsb", "copa", "cb"]
 
 @pytest.fixture(scope="module")
 def dm(tiny_backbone, data_root, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+    cache = tmp_path_factory.getbasetemp() / "token_cache"
     module = MultiTaskDataModule(
         tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=64, batch_size=8,
         cache_dir=str(cache), max_train_per_task=200,
@@ -38,7 +38,7 @@ def test_unolora_rule_halves_dev_of_small_tasks(dm, data_root):
 def test_large_task_holds_out_train_records(tiny_backbone, data_root, tmp_path):
     # SST-2 (67k train rows): 1000 training records are the validation split, the dev set the test split
     dm = MultiTaskDataModule(tasks=["sst2"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
-                             cache_dir=str(tmp_path))
+                             cache_dir=str(tmp_path.parent / "token_cache"))
     dm.setup("fit")
     (name, val), = dm._parts["validation"]
     (_, train), = dm._parts["train"]
@@ -52,7 +52,7 @@ def test_large_task_holds_out_train_records(tiny_backbone, data_root, tmp_path):
 
 def test_multirc_split_keeps_passages_whole(tiny_backbone, data_root, tmp_path):
     dm = MultiTaskDataModule(tasks=["multirc"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
-                             cache_dir=str(tmp_path))
+                             cache_dir=str(tmp_path.parent / "token_cache"))
     dm.setup("fit")
     (_, val), = dm._parts["validation"]
     (_, test), = dm._parts["test"]
@@ -94,7 +94,7 @@ def test_mixed_batch_layout(dm):
 
 def test_max_length_padding(tiny_backbone, data_root, tmp_path):
     dm = MultiTaskDataModule(tasks=["cb"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=64,
-                             cache_dir=str(tmp_path), padding="max_length", batch_size=4)
+                             cache_dir=str(tmp_path.parent / "token_cache"), padding="max_length", batch_size=4)
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["input_ids"].shape == (4, 64)
 

@@ -251,3 +251,94 @@ def test_resolve_targets():
         resolve_targets("gpt2", None)
     with pytest.raises(ValueError, match="non-empty"):
         resolve_targets("bert", [])
+
+
+# ---------------------------------------------------------------- per-row rank scales and generated adapters
+
+
+def test_inject_numbers_the_slots(tiny_backbone):
+    model = _encoder(tiny_backbone)
+    router, slots = inject_lora(model, TARGETS, num_adapters=2, r=R, alpha=ALPHA, dropout=0.0)
+    assert router.num_slots == len(slots) == 8
+    assert [layer.slot for _, layer in lora_modules(model)] == list(range(8))
+
+
+@pytest.mark.parametrize("num_adapters", [1, 3])
+@pytest.mark.parametrize("shape", [(5, 7, 32), (5, 32)])
+def test_rank_scale_matches_merged_weight_reference(num_adapters, shape):
+    torch.manual_seed(0)
+    router = AdapterRouter(num_adapters, num_slots=2)
+    layer = MultiTaskLoRALinear(
+        nn.Linear(32, 24), num_adapters, r=R, alpha=ALPHA, dropout=0.0, router=router, slot=1
+    )
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(shape)  # (N, [L,] d_in)
+    index = torch.tensor([1, 0, 2, 2, 1]) % num_adapters
+    scales = torch.randn(2, 5, R)  # (S, N, r); this layer reads entry 1
+    router.set(index)
+    router.set_scales(scales)
+    y = layer(x)  # (N, [L,] d_out)
+    for n, a in enumerate(index.tolist()):
+        # W'_n = W + (alpha/r) B_a diag(s_n) A_a
+        delta = ALPHA / R * layer.lora_B[a] @ torch.diag(scales[1, n]) @ layer.lora_A[a]  # (d_out, d_in)
+        merged = layer.base.weight + delta
+        torch.testing.assert_close(y[n], x[n] @ merged.T + layer.base.bias, atol=1e-5, rtol=1e-5)
+    # s = 1 is the plain LoRA
+    router.set_scales(torch.ones(2, 5, R))
+    ones = layer(x)
+    router.set_scales(None)
+    torch.testing.assert_close(ones, layer(x))
+
+
+@pytest.mark.parametrize("num_adapters", [1, 3])
+def test_generated_weights_replace_the_parameters(num_adapters):
+    torch.manual_seed(0)
+    router = AdapterRouter(num_adapters, num_slots=1)
+    layer = MultiTaskLoRALinear(
+        nn.Linear(16, 8), num_adapters, r=2, alpha=4.0, dropout=0.0, router=router, slot=0
+    )
+    A = torch.randn(num_adapters, 2, 16, requires_grad=True)  # (T, r, d_in)
+    B = torch.randn(num_adapters, 8, 2, requires_grad=True)  # (T, d_out, r)
+    x = torch.randn(4, 3, 16)  # (N, L, d_in)
+    index = torch.tensor([0, 2, 1, 2]) % num_adapters
+    router.set(index)
+    router.set_weights([(A, B)])
+    y = layer(x)
+    for n, a in enumerate(index.tolist()):
+        merged = layer.base.weight + 4.0 / 2 * B[a] @ A[a]  # (d_out, d_in)
+        torch.testing.assert_close(y[n], x[n] @ merged.T + layer.base.bias, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    assert A.grad is not None and B.grad is not None and B.grad.abs().sum() > 0
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+    # None (the end of a forward) clears the index, the scales and the generated weights
+    router.set_scales(torch.ones(1, 4, 2))
+    router.set(None)
+    assert router.index is None and router.scales is None and router.weights is None
+
+
+def test_router_checks_scales_and_weights():
+    router = AdapterRouter(3, num_slots=2)
+    with pytest.raises(ValueError, match=r"floating tensor \(S, N, r\)"):
+        router.set_scales(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="floating tensor"):
+        router.set_scales(torch.ones(2, 4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="one entry per LoRA slot, S = 2, got 3"):
+        router.set_scales(torch.ones(3, 4, 2))
+    router.set(torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="4 rows but the routing index has 3"):
+        router.set_scales(torch.ones(2, 4, 2))
+    with pytest.raises(ValueError, match=r"one \(A, B\) pair per LoRA slot, S = 2, got 1"):
+        router.set_weights([(torch.ones(3, 2, 8), torch.ones(3, 8, 2))])
+
+    layer = MultiTaskLoRALinear(nn.Linear(8, 8), 3, r=2, alpha=2.0, dropout=0.0, router=router, slot=0)
+    router.set_scales(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match=r"router scales\[0\]: expected \(N, r\) = \(3, 2\), got \(3, 4\)"):
+        layer(torch.randn(3, 8))
+    router.set_scales(None)
+    router.set_weights([(torch.ones(2, 2, 8), torch.ones(2, 8, 2))] * 2)
+    with pytest.raises(ValueError, match=r"router weights\[0\]: expected A \(3, 2, 8\) and B \(3, 8, 2\)"):
+        layer(torch.randn(3, 8))
+    unslotted = MultiTaskLoRALinear(nn.Linear(8, 8), 3, r=2, alpha=2.0, dropout=0.0, router=router)
+    with pytest.raises(RuntimeError, match="without a slot"):
+        unslotted(torch.randn(3, 8))

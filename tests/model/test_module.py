@@ -16,7 +16,7 @@ TASKS = ["rte", "stsb", "copa"]
 @pytest.fixture(scope="module")
 def batch(tiny_backbone, data_root, tmp_path_factory):
     dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
-                             batch_size=16, cache_dir=str(tmp_path_factory.mktemp("cache")), mixing="equal")
+                             batch_size=16, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"), mixing="equal")
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 

@@ -1,0 +1,266 @@
+"""``ortho``: one shared LoRA; conflicting task gradients projected orthogonally, in A and B separately.
+
+Ortho-LoRA (seeds/ortho-lora-summary.txt, abstract: "a gradient projection method specifically tailored for
+the bipartite structure of LoRA ... projects conflicting task gradients onto the orthogonal complement of each
+other within the intrinsic LoRA subspace"). A step on a batch holding the tasks S:
+
+    g_t = ∇_θ (λ_t L_t)                  t ∈ S; θ the shared LoRA parameters (every lora_A and lora_B)
+    g_t^b                                the part of g_t in block b (``blocks="ab"``: all A / all B)
+    g_i^b ← g_i^b − (⟨g_i^b, g_j^b⟩ / ‖g_j^b‖²) g_j^b   wherever ⟨g_i^b, g_j^b⟩ < 0   (project_conflicts)
+    ∇_θ ← Σ_t g_t'                        replaces Σ_t g_t in θ.grad; the heads keep their plain gradients
+
+The per-task gradients are taken in ``extra_losses`` (one ``torch.autograd.grad`` per task, while the graph is
+alive); ``after_backward`` projects them and rewrites ``.grad``. Cost: |S| extra backward passes per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from speclora.methods.base import Method
+from speclora.metrics import conflict_rate
+from speclora.model.lora import lora_modules
+from speclora.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from speclora.model.module import SpecLoRAModule
+
+__all__ = ["Ortho", "OrthoState", "block_index", "draw_orders", "project_conflicts"]
+
+BLOCKS = ("ab", "all", "matrix")
+ORDERS = ("random", "fixed")
+
+
+def project_conflicts(grads: Tensor, blocks: Tensor | None = None, order: Tensor | None = None) -> Tensor:
+    """Project each task's gradient off the gradients it conflicts with, block by block (PCGrad, Yu et al. 2020).
+
+    For every task i, for j in ``order[i]`` (the other tasks), within every block b of coordinates::
+
+        if ⟨g_i^b, g_j^b⟩ < 0:   g_i^b ← g_i^b − (⟨g_i^b, g_j^b⟩ / ‖g_j^b‖²) g_j^b
+
+    g_i on the right is task i's gradient as projected so far; g_j is always task j's *original* gradient,
+    so every task is projected against the same references whatever the order. For two tasks the order does
+    not matter and the results never conflict: ⟨g_1', g_2'⟩ = ⟨g_1, g_2⟩(cos² − 1) ≥ 0 in each block. For
+    three or more tasks a later projection can undo an earlier one (as in PCGrad); the order then matters.
+    A pair with a zero gradient never conflicts, so no division by zero occurs.
+
+    Args:
+        grads: (T, P) one flattened gradient per task.
+        blocks: (P,) long, the block of each coordinate (Ortho-LoRA: 0 for the A coordinates, 1 for the B
+            ones); ``None``: one block.
+        order: (T, T - 1) long, ``order[i]`` the other tasks in the sequence g_i is projected against;
+            ``None``: ascending task index (a fixed, reproducible order).
+
+    Returns:
+        (T, P) the projected gradients, in the dtype of ``grads`` (computed in float32 or float64).
+    """
+    if grads.ndim != 2:
+        raise ValueError(f"grads: expected (T, P), got shape {tuple(grads.shape)}")
+    t, p = grads.shape
+    if blocks is None:
+        blocks = torch.zeros(p, dtype=torch.long, device=grads.device)
+    if tuple(blocks.shape) != (p,):
+        raise ValueError(f"blocks: expected shape (P,) = ({p},), got {tuple(blocks.shape)}")
+    others = [[j for j in range(t) if j != i] for i in range(t)]
+    rows = others if order is None else order.tolist()
+    if order is not None and (tuple(order.shape) != (t, t - 1) or any(sorted(r) != o for r, o in zip(rows, others))):
+        raise ValueError(f"order: expected (T, T - 1) = ({t}, {t - 1}), row i a permutation of the tasks other "
+                         f"than i; got {rows}")
+    g = grads.double() if grads.dtype == torch.float64 else grads.float()  # (T, P)
+    blocks = blocks.to(g.device)
+    out = torch.empty_like(g)  # (T, P)
+    # In coefficient space: g_i' = g_i − Σ_j c_ij g_j within a block, so ⟨g_i', g_j⟩ = D_ij − Σ_m c_im D_mj with
+    # D = G Gᵀ the block's Gram matrix: T² scalar updates per block instead of T² passes over its coordinates.
+    for b in torch.unique(blocks).tolist():
+        idx = (blocks == b).nonzero().squeeze(1)  # (P_b,)
+        gb = g.index_select(1, idx)  # (T, P_b)
+        gram = (gb @ gb.T).tolist()  # (T, T) D_ij = ⟨g_i^b, g_j^b⟩, as Python floats: T² tiny steps follow
+        coef = [[0.0] * t for _ in range(t)]  # (T, T) c_ij
+        for i in range(t):
+            for j in rows[i]:
+                # ⟨g_i^b (projected so far), g_j^b⟩ = D_ij − Σ_m c_im D_mj
+                dot = gram[i][j] - sum(coef[i][m] * gram[m][j] for m in range(t))
+                if dot < 0 and gram[j][j] > 0:  # a conflict (D_jj > 0 holds but for float underflow)
+                    # g_i^b ← g_i^b − (⟨g_i^b, g_j^b⟩ / ‖g_j^b‖²) g_j^b
+                    coef[i][j] += dot / gram[j][j]
+        c = torch.tensor(coef, dtype=g.dtype, device=g.device)  # (T, T)
+        out.index_copy_(1, idx, gb - c @ gb)  # (T, P_b) g' = (I − C) G
+    return out.to(grads.dtype)
+
+
+def block_index(params: list[Tensor], kinds: list[str], blocks: str) -> Tensor:
+    """(P,) long: the projection block of each coordinate of ``params`` flattened and concatenated.
+
+    ``ab``: 0 for every A coordinate, 1 for every B one (Ortho-LoRA's bipartite split); ``all``: one block
+    (plain PCGrad on the shared LoRA, an ablation); ``matrix``: each LoRA matrix its own block.
+    ``kinds[k]`` is ``"A"`` or ``"B"`` for ``params[k]``.
+    """
+    if blocks == "ab":
+        ids = [0 if kind == "A" else 1 for kind in kinds]
+    elif blocks == "all":
+        ids = [0] * len(params)
+    elif blocks == "matrix":
+        ids = list(range(len(params)))
+    else:
+        raise ValueError(f"model.method.init_args.blocks={blocks!r}; allowed: {', '.join(map(repr, BLOCKS))}")
+    sizes = torch.tensor([q.numel() for q in params])  # (K,)
+    return torch.repeat_interleave(torch.tensor(ids, dtype=torch.long), sizes)  # (P,)
+
+
+def draw_orders(num_tasks: int, seed: int, step: int) -> Tensor:
+    """(T, T - 1) long: for each task i a random permutation of the others (PCGrad's shuffled order).
+
+    Drawn from a generator seeded by (seed, step): reproducible, the same on every rank, unchanged by resume,
+    and it leaves the global RNG (dropout) untouched.
+    """
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    rows = []
+    for i in range(num_tasks):
+        others = torch.tensor([j for j in range(num_tasks) if j != i], dtype=torch.long)  # (T - 1,)
+        rows.append(others[torch.randperm(num_tasks - 1, generator=gen)])
+    return torch.stack(rows) if rows else torch.zeros(0, max(num_tasks - 1, 0), dtype=torch.long)
+
+
+@dataclass
+class OrthoState:
+    """What Ortho keeps on the module between a step's hooks (the method object holds only its config).
+
+    params: the shared LoRA parameters, A and B of every LoRA layer in slot order; kinds: "A"/"B" of each;
+    grads: (T, P) this step's per-task gradients of λ_t L_t (rows of absent tasks 0), loss-scaled under AMP;
+    present: (T,) bool, the tasks of the batch; conflict_rate: of the last step (None: fewer than 2 tasks).
+    """
+
+    params: list[nn.Parameter]
+    kinds: list[str]
+    grads: Tensor | None = None
+    present: Tensor | None = None
+    conflict_rate: float | None = None
+    blocks: dict[torch.device, Tensor] = field(default_factory=dict)
+
+
+def _loss_scale(module: SpecLoRAModule) -> float:
+    """The AMP loss scale the trainer's backward multiplies the loss by (1.0 without a GradScaler)."""
+    trainer = getattr(module, "_trainer", None)
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
+
+
+def _mean_over_ranks(grads: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    """Under DDP: the per-task gradients averaged over ranks (as DDP averages the total gradient) and the
+    tasks present on any rank, so that every rank projects the same gradients. (T, P), (T,) -> same."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return grads, present
+    grads = grads.clone()
+    dist.all_reduce(grads)  # Σ_ranks
+    grads /= dist.get_world_size()
+    count = present.to(grads.dtype)
+    dist.all_reduce(count)
+    return grads, count > 0
+
+
+class Ortho(Method):
+    """One LoRA shared by all tasks; conflicting task gradients projected orthogonally, in A and B separately.
+
+    Args:
+        blocks: where projections act. ``ab`` (Ortho-LoRA's "bipartite structure", summary abstract): all A
+            coordinates form one block and all B coordinates another; ``all``: one block (PCGrad on the shared
+            LoRA, for ablation); ``matrix``: every LoRA matrix its own block.
+        order: the order each g_i is projected against the others (matters for 3+ tasks). ``random``: a fresh
+            permutation per task and step, as PCGrad; ``fixed``: ascending task index.
+        seed: seed of the ``random`` order (combined with the global step).
+
+    Task weights: the per-task gradients are those of λ_t L_t, so their unprojected sum is the plain gradient;
+    since a projection is invariant to the scale of g_j and linear in g_i, g_i' = λ_i · proj(∇L_i).
+    """
+
+    name: ClassVar[str] = "ortho"
+
+    def __init__(self, blocks: Literal["ab", "all", "matrix"] = "ab", order: Literal["random", "fixed"] = "random",
+                 seed: int = 0) -> None:
+        if blocks not in BLOCKS:
+            raise ValueError(f"model.method.init_args.blocks={blocks!r}; allowed: {', '.join(map(repr, BLOCKS))}")
+        if order not in ORDERS:
+            raise ValueError(f"model.method.init_args.order={order!r}; allowed: {', '.join(map(repr, ORDERS))}")
+        self.blocks = blocks
+        self.order = order
+        self.seed = seed
+
+    # ------------------------------------------------------------------ construction
+    def num_adapters(self, num_tasks: int) -> int:
+        return 1
+
+    def adapter_of_task(self, task_index: int) -> int:
+        return 0
+
+    def check(self, specs: list[TaskSpec]) -> None:
+        if len(specs) < 2:
+            raise ValueError(
+                f"model.method=Ortho projects conflicting gradients between tasks but data.tasks has "
+                f"{len(specs)}: {[s.name for s in specs]}; give two or more tasks, or use method Single"
+            )
+
+    def build(self, module: SpecLoRAModule) -> None:
+        super().build(module)
+        params, kinds = [], []
+        for _, layer in lora_modules(module.encoder):
+            params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
+            kinds += ["A", "B"]
+        module.ortho_state = OrthoState(params, kinds)
+
+    # ------------------------------------------------------------------ a training step
+    def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
+        """Take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no loss term."""
+        state: OrthoState = module.ortho_state
+        scale = _loss_scale(module)
+        num_tasks = len(module.specs)
+        size = sum(p.numel() for p in state.params)
+        ref = state.params[0]
+        grads = torch.zeros(num_tasks, size, dtype=ref.dtype, device=ref.device)  # (T, P)
+        present = torch.zeros(num_tasks, dtype=torch.bool, device=ref.device)  # (T,)
+        for t, out in outputs.items():
+            if out.loss is None:
+                continue
+            # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
+            parts = torch.autograd.grad(scale * module.task_weights[t] * out.loss, state.params,
+                                        retain_graph=True, allow_unused=True)
+            grads[t] = torch.cat([(q if q is not None else torch.zeros_like(p)).reshape(-1)
+                                  for q, p in zip(parts, state.params)])  # (P,)
+            present[t] = True
+        state.grads, state.present = grads, present
+        return {}
+
+    def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
+        """θ.grad ← θ.grad − Σ_t g_t + Σ_t g_t': the batch's plain contribution replaced by the projected one
+        (what earlier micro-batches of a gradient accumulation put in θ.grad is kept)."""
+        state: OrthoState = module.ortho_state
+        if state.grads is None:
+            return
+        grads, present = _mean_over_ranks(state.grads, state.present)
+        state.grads = state.present = None
+        rows = present.nonzero().squeeze(1)  # (S,) tasks of the batch
+        if len(rows) < 2:
+            state.conflict_rate = None
+            return
+        g = grads[rows]  # (S, P)
+        state.conflict_rate = conflict_rate(g) if bool(torch.isfinite(g).all()) else None
+        if state.conflict_rate is not None and getattr(module, "_trainer", None) is not None:
+            module.log("train/conflict_rate", state.conflict_rate, batch_size=1)
+        blocks = state.blocks.get(g.device)
+        if blocks is None:
+            blocks = state.blocks[g.device] = block_index(state.params, state.kinds, self.blocks).to(g.device)
+        order = draw_orders(len(rows), self.seed, module.global_step) if self.order == "random" else None
+        # Σ_t g_t' − Σ_t g_t
+        delta = project_conflicts(g, blocks, order).sum(0) - g.sum(0)  # (P,)
+        offset = 0
+        for p in state.params:
+            step = delta[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                p.grad = step.clone()
+            else:
+                p.grad.add_(step)

@@ -1,0 +1,444 @@
+"""SpectralGraphCallback: wires the spectral math of speclora.spectral into Lightning's training loop.
+
+Per optimizer step (DESIGN.md, data path), with G the stacked aligned LoRA gradients of every shape
+class (n_c, p_c) and U, λ the k smallest eigenpairs of the class's Laplacian:
+
+    on_before_optimizer_step (gradients are synchronised across ranks by then)
+        EMA correlations  ← G                                   (EdgeCorrelation.update)
+        every K steps: w = exp(−α(1−|ρ|)) → L → (λ, U) (warm-started LOBPCG / dense eigh, checked)
+        G' = U diag(h_g) Uᵀ G + h_g,rest (G − U Uᵀ G)          coordination (1 / ε) × band filter (Table 3)
+        G' += ∇ γ R(Θ)                                          R: high-pass or Dirichlet energy of Θ − Θ₀
+        Θ_before ← Θ
+    on_train_batch_end (after the optimizer step)
+        Δ = Θ − Θ_before;  Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ)
+        h_u = (1 + β exp(−λ/σ)) (per-eigencomponent learning rates) × h_learned (hypergradient)
+
+The regulariser enters as its gradient, added to the adapters' gradients before the step: for a
+gradient-based optimiser this is the same as adding γ R(Θ) to the loss (logged as train/spectral/reg).
+Every part is switchable for the ablations of the paper's Table 7 (configs/methods/speclora*.yaml).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from speclora.model.lora import MultiTaskLoRALinear, lora_modules
+from speclora.spectral.correlation import (
+    EdgeCorrelation,
+    edge_weights,
+    fixed_weights,
+    magnitude_weights,
+    stack_signals,
+    unstack_signals,
+)
+from speclora.spectral.eigen import DENSE_THRESHOLD, check_k, smallest_eigenpairs
+from speclora.spectral.filters import (
+    TABLE3_COEFFICIENTS,
+    TABLE3_EDGES,
+    band_energy,
+    band_response,
+    coordination_response,
+    eigen_lr_response,
+    hypergradient_update,
+    spectral_filter,
+)
+from speclora.spectral.graph import EDGE_KINDS, GraphLayout, build_edges, class_subgraph, graph_statistics
+from speclora.spectral.laplacian import laplacian
+from speclora.spectral.visual import coordination_image
+
+log = logging.getLogger(__name__)
+
+
+class SpectralGraphCallback(L.Callback):
+    """Spectral coordination of per-task LoRA adapters (seed paper §3.1–3.3; DESIGN.md is the spec).
+
+    Args:
+        k: eigenpairs per shape class (the low band); at most n_c, and n_c ≥ 3k where LOBPCG is used.
+        refresh_every: K, steps between eigenpair refreshes (10–50 in the paper, §3.2).
+        ema_decay: μ of the gradient-correlation EMAs.
+        alpha: α of w_ij = exp(−α(1−|ρ_ij|)) (§3.1).
+        edge_weighting: ``correlation`` (the method), ``magnitude`` or ``fixed`` (ablations, Table 7).
+        edge_kinds: which of ``intra``, ``inter_task``, ``inter_layer`` edges the graph holds
+            (a "layer-wise graph" ablation keeps ``inter_layer`` out, or only it: see configs).
+        normalization: ``sym`` (L_sym = I − D^{-1/2} W D^{-1/2}) or ``none`` (L = D − W).
+        coordination: apply P_low g + ε P_high g to the gradients.
+        epsilon: ε, the share of the high band kept by coordination.
+        band_filter: apply the piecewise-constant band response (Table 3) to the gradients.
+        band_coefficients / band_edges: the band response (defaults: Table 3).
+        eigen_lr: per-eigencomponent learning rates η_i = η(1 + β exp(−λ_i/σ)) on the optimizer's update.
+        beta, sigma: β ≥ 0 and σ > 0 of the per-eigencomponent learning rates.
+        learned: learn per-eigencomponent coefficients of the update online by hypergradient descent.
+        hyper_lr: step of the multiplicative hypergradient update; hyper_clip its range.
+        regularizer: ``highpass`` (γ‖(I − UUᵀ)(Θ − Θ₀)‖²), ``dirichlet`` (γ tr(ΔΘᵀ L ΔΘ)) or ``none``.
+        gamma: γ of the regulariser, in [0, 1] (the paper: 0.01–0.05).
+        dense_threshold: classes of at most this many nodes use dense eigh, larger ones LOBPCG.
+        log_every: steps between spectrum / energy / coefficient logs (TensorBoard).
+        heatmap_every: steps between coordination heatmaps (0: never).
+        seed: seed of LOBPCG's random start (the same on every rank).
+    """
+
+    def __init__(
+        self,
+        k: int = 32,
+        refresh_every: int = 20,
+        ema_decay: float = 0.9,
+        alpha: float = 5.0,
+        edge_weighting: Literal["correlation", "magnitude", "fixed"] = "correlation",
+        edge_kinds: Sequence[str] = EDGE_KINDS,
+        normalization: Literal["sym", "none"] = "sym",
+        coordination: bool = True,
+        epsilon: float = 0.1,
+        band_filter: bool = True,
+        band_coefficients: Sequence[float] = TABLE3_COEFFICIENTS,
+        band_edges: Sequence[float] | None = TABLE3_EDGES,
+        eigen_lr: bool = True,
+        beta: float = 1.0,
+        sigma: float = 0.2,
+        learned: bool = True,
+        hyper_lr: float = 0.01,
+        hyper_clip: tuple[float, float] = (0.1, 3.0),
+        regularizer: Literal["highpass", "dirichlet", "none"] = "highpass",
+        gamma: float = 0.02,
+        dense_threshold: int = DENSE_THRESHOLD,
+        log_every: int = 50,
+        heatmap_every: int = 100,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        checks = [
+            ("k", k, k >= 1, "an integer >= 1"),
+            ("refresh_every", refresh_every, refresh_every >= 1, "an integer >= 1"),
+            ("ema_decay", ema_decay, 0.0 <= ema_decay < 1.0, "0 <= ema_decay < 1"),
+            ("alpha", alpha, math.isfinite(alpha) and alpha >= 0, "a finite number >= 0"),
+            ("epsilon", epsilon, 0.0 <= epsilon <= 1.0, "0 <= epsilon <= 1"),
+            ("beta", beta, math.isfinite(beta) and beta >= 0, "a finite number >= 0"),
+            ("sigma", sigma, math.isfinite(sigma) and sigma > 0, "a finite number > 0"),
+            ("gamma", gamma, 0.0 <= gamma <= 1.0, "0 <= gamma <= 1 (the paper uses 0.01-0.05)"),
+            ("hyper_lr", hyper_lr, hyper_lr >= 0, "a number >= 0"),
+            ("log_every", log_every, log_every >= 1, "an integer >= 1"),
+            ("heatmap_every", heatmap_every, heatmap_every >= 0, "an integer >= 0"),
+        ]
+        for key, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"SpectralGraphCallback {key}={value}; allowed: {allowed}")
+        for key, value, allowed in (("edge_weighting", edge_weighting, ("correlation", "magnitude", "fixed")),
+                                    ("normalization", normalization, ("sym", "none")),
+                                    ("regularizer", regularizer, ("highpass", "dirichlet", "none"))):
+            if value not in allowed:
+                raise ValueError(f"SpectralGraphCallback {key}={value!r}; allowed: {', '.join(allowed)}")
+        unknown = [e for e in edge_kinds if e not in EDGE_KINDS]
+        if unknown or not edge_kinds:
+            raise ValueError(f"SpectralGraphCallback edge_kinds={list(edge_kinds)}; allowed: a non-empty "
+                             f"subset of {list(EDGE_KINDS)}")
+        if not 0 < hyper_clip[0] <= hyper_clip[1]:
+            raise ValueError(f"SpectralGraphCallback hyper_clip={hyper_clip}; allowed: (low, high), 0 < low <= high")
+        if band_filter:
+            band_response(torch.zeros(1), band_coefficients, band_edges)  # validates the table
+        self.k, self.refresh_every, self.ema_decay, self.alpha = k, refresh_every, ema_decay, alpha
+        self.edge_weighting, self.edge_kinds = edge_weighting, tuple(edge_kinds)
+        self.normalization = None if normalization == "none" else normalization
+        self.coordination, self.epsilon = coordination, epsilon
+        self.band_filter, self.band_coefficients = band_filter, tuple(band_coefficients)
+        self.band_edges = None if band_edges is None else tuple(band_edges)
+        self.eigen_lr, self.beta, self.sigma = eigen_lr, beta, sigma
+        self.learned, self.hyper_lr, self.hyper_clip = learned, hyper_lr, tuple(hyper_clip)
+        self.regularizer, self.gamma = regularizer, gamma
+        self.dense_threshold, self.log_every, self.heatmap_every, self.seed = (
+            dense_threshold, log_every, heatmap_every, seed)
+        # built in setup
+        self.layers: list[MultiTaskLoRALinear] = []
+        self.layout: GraphLayout | None = None
+        self.edge_index: Tensor | None = None
+        self.edge_type: Tensor | None = None
+        self.corr: EdgeCorrelation | None = None
+        self.class_k: list[int] = []
+        # state (state_dict): eigenpairs, learned coefficients, anchors, counters
+        self.values: list[Tensor | None] = []
+        self.vectors: list[Tensor | None] = []
+        self.h_learned: list[Tensor | None] = []
+        self.theta0: list[Tensor] = []
+        self.delta_prev: list[Tensor | None] = []
+        self.counters = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "skipped_nonfinite": 0}
+        self._pending_state: dict[str, Any] | None = None
+        self._theta_before: list[Tensor] | None = None
+        self._step_of_snapshot = -1
+        self._time_spent = 0.0
+        self._batch_start = 0.0
+        self._time_total = 0.0
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.layout is not None:
+            return
+        named = lora_modules(pl_module)
+        if not named:
+            raise ValueError("SpectralGraphCallback needs per-task LoRA layers (methods Independent, Single, "
+                             "SpecLoRA); this model has none")
+        self.layers = [m for _, m in named]
+        num_tasks = self.layers[0].num_adapters
+        slots = [(s.layer, s.module, s.d_in, s.d_out, self.layers[i].r) for i, s in enumerate(pl_module.slots)]
+        self.layout = GraphLayout(num_tasks, slots)
+        device = pl_module.device
+        edge_index, edge_type = build_edges(self.layout, self.edge_kinds)
+        if edge_index.numel() == 0:
+            raise ValueError(f"the parameter graph has no edge of kinds {list(self.edge_kinds)} for {num_tasks} "
+                             "task(s); add 'intra' or 'inter_layer' edges")
+        self.edge_index, self.edge_type = edge_index.to(device), edge_type.to(device)
+        self.corr = EdgeCorrelation(self.edge_index, self.layout.num_nodes, self.ema_decay,
+                                    node_class=self.layout.node_class)
+        self.class_k = []
+        for _, ids in self.layout.shape_classes:
+            n_c = ids.numel()
+            k_c = min(self.k, n_c)
+            if n_c > self.dense_threshold:
+                check_k(n_c, k_c)  # LOBPCG needs n >= 3k: a clear error now, not mid-training
+            self.class_k.append(k_c)
+        n_classes = len(self.layout.shape_classes)
+        self.values, self.vectors = [None] * n_classes, [None] * n_classes
+        self.h_learned = [None] * n_classes
+        self.delta_prev = [None] * n_classes
+        self.theta0 = [s.detach().clone() for s in self._signals(param=True)]
+        if self._pending_state is not None:
+            self._apply_state(self._pending_state)
+            self._pending_state = None
+        stats = graph_statistics(self.edge_index.cpu(), self.edge_type.cpu(), self.layout.num_nodes)
+        self._graph_stats = stats
+        log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
+                 {kind: int(v["num_edges"]) for kind, v in stats.items()})
+
+    def _signals(self, param: bool = False, grad: bool = False) -> list[Tensor]:
+        """The stacked aligned signals (n_c, p_c) per shape class, of the parameters or their gradients."""
+        if grad:
+            A = [m.lora_A.grad if m.lora_A.grad is not None else torch.zeros_like(m.lora_A) for m in self.layers]
+            B = [m.lora_B.grad if m.lora_B.grad is not None else torch.zeros_like(m.lora_B) for m in self.layers]
+        else:
+            A = [m.lora_A.detach() for m in self.layers]
+            B = [m.lora_B.detach() for m in self.layers]
+        return [s.float() for s in stack_signals(self.layout, A, B)]
+
+    def _write(self, signals: list[Tensor], grad: bool) -> None:
+        A, B = unstack_signals(self.layout, signals)
+        for m, a, b in zip(self.layers, A, B):
+            if grad:
+                if m.lora_A.grad is None:
+                    m.lora_A.grad = torch.zeros_like(m.lora_A)
+                if m.lora_B.grad is None:
+                    m.lora_B.grad = torch.zeros_like(m.lora_B)
+                m.lora_A.grad.copy_(a)
+                m.lora_B.grad.copy_(b)
+            else:
+                m.lora_A.data.copy_(a)
+                m.lora_B.data.copy_(b)
+
+    # ------------------------------------------------------------------ the spectrum
+    def _class_edges(self, c: int) -> tuple[Tensor, Tensor]:
+        """Edge weights of class c, relabelled to its rows: w_ij by the configured weighting."""
+        if self.edge_weighting == "correlation":
+            w = edge_weights(self.corr.rho(), self.alpha)  # (E,)
+        elif self.edge_weighting == "magnitude":
+            w = magnitude_weights(self.corr.magnitude(), self.edge_index, self.alpha)  # (E,)
+        else:
+            w = fixed_weights(self.edge_type).to(self.edge_index.device)  # (E,)
+        ei, ew = class_subgraph(self.layout, self.edge_index, w, c)
+        return ei, ew
+
+    def refresh(self, trainer: L.Trainer | None = None) -> None:
+        """Recompute every class's k smallest Laplacian eigenpairs, warm-started from the previous ones."""
+        for c, (_, ids) in enumerate(self.layout.shape_classes):
+            ei, ew = self._class_edges(c)
+            lap = laplacian(ei, ew, ids.numel(), self.normalization)  # (n_c, n_c) sparse, float32
+            if ids.numel() <= self.dense_threshold:
+                lap = lap.to_dense()
+            result = smallest_eigenpairs(
+                lap, self.class_k[c], X0=self.vectors[c], previous_values=self.values[c],
+                dense_threshold=self.dense_threshold, seed=self.seed,
+            )
+            if result.method in ("fallback_dense", "kept_previous"):
+                key = "fallbacks" if result.method == "fallback_dense" else "kept_previous"
+                self.counters[key] += 1
+                rank_zero_warn(f"spectral refresh of class {c}: {result.method} (residual {result.residual:.2e}); "
+                               f"{self.counters[key]} so far")
+            values, vectors = result.values.to(ids.device), result.vectors.to(ids.device)
+            if trainer is not None and trainer.world_size > 1:
+                # every rank must hold the same eigenpairs: rank 0's are the reference
+                values = trainer.strategy.broadcast(values, src=0)
+                vectors = trainer.strategy.broadcast(vectors, src=0)
+            self.values[c], self.vectors[c] = values, vectors
+            if self.learned and self.h_learned[c] is None:
+                self.h_learned[c] = torch.ones_like(values)
+        self.counters["refreshes"] += 1
+
+    def gradient_response(self, c: int) -> tuple[Tensor, float]:
+        """h_g (k,), h_g,rest of the gradient filter: coordination × band filter (each optional)."""
+        values = self.values[c]
+        h, rest = torch.ones_like(values), 1.0
+        if self.coordination:
+            hc, rc = coordination_response(values.numel(), self.epsilon)
+            h, rest = h * hc.to(h), rest * rc
+        if self.band_filter:
+            hb, rb = band_response(values, self.band_coefficients, self.band_edges)
+            h, rest = h * hb.to(h), rest * rb
+        return h, rest
+
+    def update_response(self, c: int) -> Tensor | None:
+        """h_u (k,) of the update filter (rest 1): per-eigencomponent learning rates × learned coefficients."""
+        values = self.values[c]
+        h = None
+        if self.eigen_lr:
+            h, _ = eigen_lr_response(values, self.beta, self.sigma)
+        if self.learned and self.h_learned[c] is not None:
+            h = self.h_learned[c] if h is None else h * self.h_learned[c]
+        return h
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        start = time.perf_counter()
+        G = self._signals(grad=True)  # [(n_c, p_c)]
+        if not self.corr.update(G):
+            if self.corr.num_skipped_nonfinite > self.counters["skipped_nonfinite"]:
+                self.counters["skipped_nonfinite"] = self.corr.num_skipped_nonfinite
+                rank_zero_warn(f"SpectralGraphCallback: non-finite LoRA gradient at step {trainer.global_step}; "
+                               "the spectral update is skipped (and the module drops the step)")
+            self._theta_before = None
+            return
+        step = trainer.global_step
+        if self.vectors[0] is None or step % self.refresh_every == 0:
+            self.refresh(trainer)
+        filtered, reg_value = [], 0.0
+        theta = self._signals(param=True) if self.regularizer != "none" else None
+        for c, g in enumerate(G):
+            U = self.vectors[c]
+            if self.learned and self.delta_prev[c] is not None:
+                # ∂L(θ_t)/∂h_i = ⟨U_iᵀ G_t, U_iᵀ Δ_{t−1}⟩
+                self.h_learned[c] = hypergradient_update(self.h_learned[c], U, g, self.delta_prev[c],
+                                                         self.hyper_lr, self.hyper_clip)
+            h, rest = self.gradient_response(c)
+            # G' = U diag(h) Uᵀ G + h_rest (G − U Uᵀ G)
+            g2 = spectral_filter(g, U, h, rest) if (self.coordination or self.band_filter) else g
+            if theta is not None and self.gamma > 0:
+                delta = theta[c] - self.theta0[c]  # (n_c, p_c)
+                g2, value = self._add_regularizer(c, g2, delta)
+                reg_value += value
+            filtered.append(g2)
+        self._write(filtered, grad=True)
+        if theta is not None:
+            pl_module.log("train/spectral/reg", reg_value, batch_size=1)
+        if self.eigen_lr or self.learned:
+            self._theta_before = self._signals(param=True)
+            self._step_of_snapshot = step
+        if step % self.log_every == 0:
+            self._log(trainer, pl_module, G)
+        self._time_spent += time.perf_counter() - start
+
+    def _add_regularizer(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, float]:
+        U = self.vectors[c]
+        if self.regularizer == "highpass":
+            # R = γ‖(I − U Uᵀ) ΔΘ‖²,  ∇R = 2γ (I − U Uᵀ) ΔΘ
+            high = delta - U @ (U.T @ delta)  # (n_c, p_c)
+            return g + 2 * self.gamma * high, float(self.gamma * high.pow(2).sum())
+        # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ
+        ei, ew = self._class_edges(c)
+        lap = laplacian(ei, ew, delta.size(0), self.normalization)  # (n_c, n_c) sparse
+        ld = torch.sparse.mm(lap, delta)  # (n_c, p_c)
+        return g + 2 * self.gamma * ld, float(self.gamma * (delta * ld).sum())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        start = time.perf_counter()
+        before = self._theta_before
+        if before is not None and trainer.global_step == self._step_of_snapshot + 1:
+            after = self._signals(param=True)
+            out = []
+            for c, (b, a) in enumerate(zip(before, after)):
+                delta = a - b  # (n_c, p_c): the optimizer's update
+                self.delta_prev[c] = delta
+                h = self.update_response(c)
+                # Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ)
+                out.append(b + spectral_filter(delta, self.vectors[c], h, 1.0) if h is not None else a)
+            self._write(out, grad=False)
+            self._theta_before = None
+        now = time.perf_counter()
+        self._time_spent += now - start
+        self._time_total += now - self._batch_start
+        if trainer.global_step % self.log_every == 0 and self._time_total > 0:
+            pl_module.log("train/spectral/time_share", self._time_spent / self._time_total, batch_size=1)
+
+    # ------------------------------------------------------------------ logging
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, G: list[Tensor]) -> None:
+        step = trainer.global_step
+        for key, value in self.counters.items():
+            pl_module.log(f"train/spectral/{key}", float(value), batch_size=1)
+        experiment = getattr(trainer.logger, "experiment", None)
+        for c, g in enumerate(G):
+            values, U = self.values[c], self.vectors[c]
+            energy = band_energy(g, U, values)  # (B + 1,)
+            share = energy / energy.sum().clamp_min(1e-30)
+            for b, e in enumerate(share.tolist()):
+                name = f"band{b}" if b < share.numel() - 1 else "beyond_k"
+                pl_module.log(f"train/spectral/class{c}/energy_{name}", e, batch_size=1)
+            pl_module.log(f"train/spectral/class{c}/lambda_2", float(values[1]) if values.numel() > 1 else 0.0,
+                          batch_size=1)
+            if experiment is not None and hasattr(experiment, "add_histogram"):
+                experiment.add_histogram(f"spectral/class{c}/eigenvalues", values.cpu(), step)
+                h, rest = self.gradient_response(c)
+                experiment.add_histogram(f"spectral/class{c}/gradient_response", h.cpu(), step)
+                hu = self.update_response(c)
+                if hu is not None:
+                    experiment.add_histogram(f"spectral/class{c}/update_response", hu.cpu(), step)
+        if experiment is not None and hasattr(experiment, "add_image") and self.heatmap_every and (
+                step % self.heatmap_every == 0):
+            image = coordination_image(self.corr.rho().cpu(), self.edge_index.cpu(), self.layout)
+            experiment.add_image("spectral/coordination", image, step)
+        if step == 0 and experiment is not None and hasattr(experiment, "add_scalar"):
+            for kind, stats in self._graph_stats.items():
+                for key, value in stats.items():
+                    experiment.add_scalar(f"spectral/graph/{kind}/{key}", value, 0)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        if self.layout is None:
+            return {}
+        return {
+            "corr": self.corr.state_dict(),
+            "values": self.values,
+            "vectors": self.vectors,
+            "h_learned": self.h_learned,
+            "theta0": self.theta0,
+            "delta_prev": self.delta_prev,
+            "counters": dict(self.counters),
+            "num_nodes": self.layout.num_nodes,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.layout is None:  # restored before setup: apply once the graph exists
+            self._pending_state = state_dict
+        else:
+            self._apply_state(state_dict)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        if state["num_nodes"] != self.layout.num_nodes:
+            raise ValueError(f"checkpoint's spectral state has {state['num_nodes']} nodes, this model's graph "
+                             f"{self.layout.num_nodes}: the tasks, targets or rank differ")
+        device = self.edge_index.device
+        self.corr.load_state_dict(state["corr"])
+
+        def move(xs):
+            return [x.to(device) if x is not None else None for x in xs]
+
+        self.values, self.vectors = move(state["values"]), move(state["vectors"])
+        self.h_learned, self.delta_prev = move(state["h_learned"]), move(state["delta_prev"])
+        self.theta0 = move(state["theta0"])
+        self.counters.update(state["counters"])

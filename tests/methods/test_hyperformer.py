@@ -1,0 +1,266 @@
+"""HyperFormer (HyperFormer++ in LoRA form) on the tiny random BERT: generated LoRAs, peft export, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from peft import PeftModel
+from transformers import AutoModel
+
+from speclora.methods import HyperFormer
+from speclora.model.module import LoRAConfig, SpecLoRAModule
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = ["rte", "stsb", "copa"]
+R, ALPHA = 4, 8.0
+
+
+def _module(
+    backbone: str, lora: LoRAConfig | None = None, method: HyperFormer | None = None
+) -> SpecLoRAModule:
+    lora = lora or LoRAConfig(r=R, alpha=ALPHA, dropout=0.0)
+    return SpecLoRAModule(
+        TASKS, backbone=backbone, method=method or HyperFormer(), lora=lora, head_dropout=0.0
+    ).eval()
+
+
+def _randomise(module: SpecLoRAModule, seed: int = 1) -> None:
+    """Non-zero B generators (they start at 0), so that every generated B differs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gen in module.method_net.gen_B:
+            gen.weight.copy_(torch.randn(gen.weight.shape, generator=g) * 0.1)
+            gen.bias.copy_(torch.randn(gen.bias.shape, generator=g) * 0.1)
+
+
+def _batch(n: int = 6, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, 2000, (n, length), generator=g)  # (N, L)
+    attention_mask = torch.ones(n, length, dtype=torch.long)  # (N, L)
+    attention_mask[2, 3:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "seq_task": torch.arange(n) % 3}
+
+
+def _hidden(module: SpecLoRAModule, batch: dict[str, torch.Tensor], task: torch.Tensor) -> torch.Tensor:
+    """(N, L, H) last hidden state, row n through task ``task[n]``'s generated LoRA."""
+    module.router.set(task)
+    module.router.set_weights(module.method.generate(module))
+    try:
+        with torch.no_grad():
+            return module.encoder(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+    finally:
+        module.router.set(None)
+
+
+def test_generated_matrices_differ_per_task_layer_and_module(tiny_backbone):
+    module = _module(tiny_backbone)
+    _randomise(module)
+    with torch.no_grad():
+        weights = module.method.generate(module)  # per slot: (T, r, d_in), (T, d_out, r)
+    assert len(weights) == len(module.slots) == 8
+    for A, B in weights:
+        assert A.shape == (3, R, 32) and B.shape == (3, 32, R)
+    # slot order: layer 0 (query, key, value, attention.output.dense), then layer 1
+    for A, B in weights:
+        for t, u in ((0, 1), (0, 2), (1, 2)):  # per task
+            assert (A[t] - A[u]).abs().max() > 1e-3 and (B[t] - B[u]).abs().max() > 1e-3
+    for k in range(4):  # per layer, same module
+        (A0, B0), (A1, B1) = weights[k], weights[k + 4]
+        assert (A0 - A1).abs().max() > 1e-3 and (B0 - B1).abs().max() > 1e-3
+    (Aq, _), (Av, _) = weights[0], weights[2]  # per module, same layer
+    assert (Aq - Av).abs().max() > 1e-3
+
+
+def test_b_starts_at_zero_so_the_model_starts_as_the_backbone(tiny_backbone):
+    module = _module(tiny_backbone)
+    batch = _batch()
+    for _, B in module.method.generate(module):
+        assert torch.count_nonzero(B) == 0
+    backbone = AutoModel.from_pretrained(tiny_backbone).eval()
+    with torch.no_grad():
+        frozen = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        torch.testing.assert_close(module.encode(batch), frozen[:, 0])
+
+
+def test_one_generation_per_forward_and_a_per_row_gather(tiny_backbone):
+    module = _module(tiny_backbone)
+    _randomise(module)
+    calls = []
+    module.method_net.register_forward_hook(lambda *_: calls.append(1))
+    value = module.encoder.encoder.layer[1].attention.self.value
+    seen = {}
+    value.register_forward_hook(lambda mod, inputs, out: seen.update(x=inputs[0], y=out))
+    batch = _batch()
+    with torch.no_grad():
+        module.encode(batch)
+        assert len(calls) == 1  # once per forward, not per row or layer
+        A, B = module.method.generate(module)[6]  # layer 1 value: (T, r, d_in), (T, d_out, r)
+    for n, t in enumerate(batch["seq_task"].tolist()):
+        merged = value.base.weight + ALPHA / R * B[t] @ A[t]  # (d_out, d_in) = W + (alpha/r) B_t A_t
+        torch.testing.assert_close(
+            seen["y"][n], seen["x"][n] @ merged.T + value.base.bias, atol=1e-5, rtol=1e-5
+        )
+    assert module.router.weights is None  # cleared after the forward
+
+
+def test_only_the_hypernetwork_and_heads_train(tiny_backbone):
+    module = _module(tiny_backbone)
+    _randomise(module)
+    trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {"method_net", "heads"}
+    module.encode(_batch()).pow(2).sum().backward()
+    net = module.method_net
+    for name, p in [
+        *net.projector.named_parameters(),
+        *net.gen_A.named_parameters(),
+        *net.gen_B.named_parameters(),
+    ]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert net.task_embedding.weight.grad.abs().sum() > 0
+
+
+def test_export_is_peft_and_peft_reproduces_each_task(tiny_backbone, tmp_path):
+    module = _module(tiny_backbone)
+    _randomise(module)
+    written = module.export_adapters(tmp_path)
+    assert [p.name for p in written] == TASKS
+    batch = _batch()
+    for t, task in enumerate(TASKS):
+        peft_model = PeftModel.from_pretrained(
+            AutoModel.from_pretrained(tiny_backbone), str(tmp_path / task)
+        ).eval()
+        with torch.no_grad():
+            theirs = peft_model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+        ours = _hidden(module, batch, torch.full((6,), t))
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+    # the exports are ordinary per-task LoRAs: method Independent loads and runs them
+    independent = SpecLoRAModule(
+        TASKS, backbone=tiny_backbone, lora=LoRAConfig(r=R, alpha=ALPHA, dropout=0.0), head_dropout=0.0
+    ).eval()
+    independent.import_adapters(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(independent.encode(batch), module.encode(batch), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="HyperFormer cannot load adapters .* model.method=Independent"):
+        module.import_adapters(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"task_dim": 0}, r"model.method.init_args.task_dim=0; allowed: an integer >= 1"),
+        ({"embed_dim": True}, r"model.method.init_args.embed_dim=True"),
+        ({"init_std": 0.0}, r"model.method.init_args.init_std=0.0; allowed: a number > 0"),
+    ],
+)
+def test_bad_options_name_the_flag(options, match):
+    with pytest.raises(ValueError, match=match):
+        HyperFormer(**options)
+
+
+def test_mixed_shapes_get_their_own_generators(tiny_backbone):
+    # the FFN's intermediate.dense is 32 -> 64: a second shape class next to the 32 -> 32 query
+    module = _module(
+        tiny_backbone, LoRAConfig(r=R, alpha=ALPHA, dropout=0.0, targets=["query", "intermediate.dense"])
+    )
+    assert module.method_net.shapes == [(32, 32), (32, 64)]
+    shapes = [(A.shape, B.shape) for A, B in module.method.generate(module)]
+    assert shapes == [((3, R, 32), (3, 32, R)), ((3, R, 32), (3, 64, R))] * 2
+    with torch.no_grad():
+        module.encode(_batch())
+
+
+# ---------------------------------------------------------------- the CLI
+
+
+class _Snapshot(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.before = {k: v.detach().clone() for k, v in pl_module.method_net.state_dict().items()}
+
+
+def _fit(tiny_backbone, data_root, root: Path, cache: Path, *configs: str, extra=()):
+    from speclora.cli import SpecLoRACLI, trainer_defaults
+    from speclora.data.datamodule import MultiTaskDataModule
+
+    snapshot = _Snapshot()
+    defaults = trainer_defaults()
+    defaults["callbacks"].append(snapshot)
+    args = [arg for c in configs for arg in ("--config", str(REPO / "configs" / c))] + [
+        "--model.backbone",
+        tiny_backbone,
+        "--data.data_dir",
+        str(data_root),
+        "--data.cache_dir",
+        str(cache),
+        "--data.max_length",
+        "48",
+        "--data.batch_size",
+        "8",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+    cli = SpecLoRACLI(SpecLoRAModule, MultiTaskDataModule, run=False, trainer_defaults=defaults, args=args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, snapshot
+
+
+def _check_fit(cli, snapshot, out: Path) -> None:
+    metrics = cli.trainer.callback_metrics
+    for key in ("val/average", "train/loss"):
+        assert key in metrics, f"{key} not logged; logged: {sorted(metrics)}"
+    assert cli.trainer.global_step == 2 and cli.model.method_name == "hyperformer"
+    groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
+    assert "adapters" not in groups  # the layers' own A/B are frozen storage
+    assert {id(p) for p in groups["method"]["params"]} == {id(p) for p in cli.model.method_net.parameters()}
+    after = cli.model.method_net.state_dict()
+    assert not torch.equal(after["gen_B.0.weight"], snapshot.before["gen_B.0.weight"]), (
+        "B generator did not learn"
+    )
+    written = cli.model.export_adapters(out)
+    assert [p.name for p in written] == [s.name for s in cli.model.specs]
+    assert all((p / "adapter_model.safetensors").is_file() for p in written)
+
+
+def test_two_steps_through_the_cli(tiny_backbone, data_root, tmp_path):
+    cli, snapshot = _fit(
+        tiny_backbone,
+        data_root,
+        tmp_path / "runs",
+        tmp_path.parent / "token_cache",
+        "default.yaml",
+        "suites/small.yaml",
+        "methods/hyperformer.yaml",
+    )
+    _check_fit(cli, snapshot, tmp_path / "export")
+
+
+@pytest.mark.slow
+def test_two_steps_on_the_default_suite(tiny_backbone, data_root, tmp_path, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "token_cache"  # shared with test_unolora
+    cli, snapshot = _fit(
+        tiny_backbone,
+        data_root,
+        tmp_path / "runs",
+        cache,
+        "default.yaml",
+        "methods/hyperformer.yaml",
+        extra=("--data.max_train_per_task", "64", "--data.max_eval_per_task", "16"),
+    )
+    _check_fit(cli, snapshot, tmp_path / "export")
+    assert len(cli.model.specs) == 10
