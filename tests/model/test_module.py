@@ -138,3 +138,24 @@ def test_non_finite_gradients_never_reach_the_parameters(tiny_backbone, data_roo
                         limit_val_batches=0, use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm)  # a clean step moves the adapters again
     assert any(not torch.equal(p, before[n]) for n, p in module.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "deberta-v2", "distilbert"])
+def test_other_encoder_families_get_their_attention_targets(arch, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    kwargs = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=64)
+    if arch == "distilbert":
+        kwargs = dict(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.for_model(arch, **kwargs)).save_pretrained(tmp_path)
+    module = SpecLoRAModule(["rte", "stsb"], backbone=str(tmp_path)).eval()
+    assert len(module.slots) == 2 * 4  # q, k, v and the attention output of both layers
+    ids = torch.randint(5, 100, (3, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "seq_task": torch.tensor([0, 1, 1])}
+    if arch != "distilbert":
+        batch["token_type_ids"] = torch.zeros_like(ids)
+    with torch.no_grad():
+        pooled = module.encode(batch)
+    assert pooled.shape == (3, 32) and torch.isfinite(pooled).all()
