@@ -40,7 +40,7 @@ from speclora.spectral.correlation import (
     stack_signals,
     unstack_signals,
 )
-from speclora.spectral.eigen import DENSE_THRESHOLD, check_k, smallest_eigenpairs
+from speclora.spectral.eigen import DENSE_THRESHOLD, EigenSolverError, check_k, smallest_eigenpairs
 from speclora.spectral.filters import (
     TABLE3_COEFFICIENTS,
     TABLE3_EDGES,
@@ -167,7 +167,8 @@ class SpectralGraphCallback(L.Callback):
         self.h_learned: list[Tensor | None] = []
         self.theta0: list[Tensor] = []
         self.delta_prev: list[Tensor | None] = []
-        self.counters = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "skipped_nonfinite": 0}
+        self.counters = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "solver_failed": 0,
+                         "skipped_nonfinite": 0}
         self._pending_state: dict[str, Any] | None = None
         self._theta_before: list[Tensor] | None = None
         self._step_of_snapshot = -1
@@ -251,17 +252,27 @@ class SpectralGraphCallback(L.Callback):
         ei, ew = class_subgraph(self.layout, self.edge_index, w, c)
         return ei, ew
 
-    def refresh(self, trainer: L.Trainer | None = None) -> None:
-        """Recompute every class's k smallest Laplacian eigenpairs, warm-started from the previous ones."""
+    def refresh(self, trainer: L.Trainer | None = None) -> bool:
+        """Recompute every class's k smallest Laplacian eigenpairs, warm-started from the previous ones.
+
+        Returns False when a class has no eigenpairs to use (every solver failed on a first refresh):
+        the step then goes unfiltered, the failure is logged and counted, and the next step tries again.
+        """
         for c, (_, ids) in enumerate(self.layout.shape_classes):
             ei, ew = self._class_edges(c)
             lap = laplacian(ei, ew, ids.numel(), self.normalization)  # (n_c, n_c) sparse, float32
             if ids.numel() <= self.dense_threshold:
                 lap = lap.to_dense()
-            result = smallest_eigenpairs(
-                lap, self.class_k[c], X0=self.vectors[c], previous_values=self.values[c],
-                dense_threshold=self.dense_threshold, seed=self.seed,
-            )
+            try:
+                result = smallest_eigenpairs(
+                    lap, self.class_k[c], X0=self.vectors[c], previous_values=self.values[c],
+                    dense_threshold=self.dense_threshold, seed=self.seed,
+                )
+            except EigenSolverError as err:  # only when there were no previous pairs to keep
+                self.counters["solver_failed"] += 1
+                rank_zero_warn(f"spectral refresh of class {c} failed ({err}); this step is not filtered "
+                               f"({self.counters['solver_failed']} failures so far)")
+                return False
             if result.method in ("fallback_dense", "kept_previous"):
                 key = "fallbacks" if result.method == "fallback_dense" else "kept_previous"
                 self.counters[key] += 1
@@ -276,6 +287,7 @@ class SpectralGraphCallback(L.Callback):
             if self.learned and self.h_learned[c] is None:
                 self.h_learned[c] = torch.ones_like(values)
         self.counters["refreshes"] += 1
+        return True
 
     def gradient_response(self, c: int) -> tuple[Tensor, float]:
         """h_g (k,), h_g,rest of the gradient filter: coordination × band filter (each optional)."""
@@ -314,8 +326,10 @@ class SpectralGraphCallback(L.Callback):
             self._theta_before = None
             return
         step = trainer.global_step
-        if self.vectors[0] is None or step % self.refresh_every == 0:
-            self.refresh(trainer)
+        if any(v is None for v in self.vectors) or step % self.refresh_every == 0:
+            if not self.refresh(trainer) and any(v is None for v in self.vectors):
+                self._theta_before = None
+                return
         filtered, reg_value = [], 0.0
         theta = self._signals(param=True) if self.regularizer != "none" else None
         for c, g in enumerate(G):

@@ -209,3 +209,25 @@ def test_ablation_configs_change_only_what_they_name():
         SpectralGraphCallback(**cb["init_args"])  # valid options
         changed = {k for k, v in cb["init_args"].items() if base_cb["init_args"].get(k) != v}
         assert changed == set(cb["init_args"]), f"{f.name} repeats a default"
+
+
+def test_a_failed_first_solve_is_a_counted_recovery(tiny_backbone, datamodule, monkeypatch):
+    import speclora.spectral.callback as cb
+    from speclora.spectral.eigen import EigenSolverError
+
+    real = cb.smallest_eigenpairs
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise EigenSolverError("LOBPCG did not converge and there is nothing to keep")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cb, "smallest_eigenpairs", flaky)
+    module = _module(tiny_backbone)
+    spectral = SpectralGraphCallback(k=6, refresh_every=50)
+    _fit(module, datamodule, [spectral], steps=2)
+    assert spectral.counters["solver_failed"] == 1
+    assert spectral.vectors[0] is not None  # the second step solved again and went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
