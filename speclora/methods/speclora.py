@@ -23,6 +23,6 @@ class SpecLoRA(Method):
     def callbacks(self, module: SpecLoRAModule) -> list:
         from speclora.spectral.callback import SpectralGraphCallback
 
-        configured = module.trainer is not None and any(
-            isinstance(cb, SpectralGraphCallback) for cb in module.trainer.callbacks)
+        trainer = module._trainer  # configure_callbacks runs with the trainer attached
+        configured = trainer is not None and any(isinstance(cb, SpectralGraphCallback) for cb in trainer.callbacks)
         return [] if configured else [SpectralGraphCallback()]

@@ -51,7 +51,14 @@ from speclora.spectral.filters import (
     hypergradient_update,
     spectral_filter,
 )
-from speclora.spectral.graph import EDGE_KINDS, GraphLayout, build_edges, class_subgraph, graph_statistics
+from speclora.spectral.graph import (
+    EDGE_KINDS,
+    GraphLayout,
+    build_edges,
+    class_subgraph,
+    graph_statistics,
+    node_features,
+)
 from speclora.spectral.laplacian import laplacian
 from speclora.spectral.visual import coordination_image
 
@@ -410,6 +417,12 @@ class SpectralGraphCallback(L.Callback):
                 hu = self.update_response(c)
                 if hu is not None:
                     experiment.add_histogram(f"spectral/class{c}/update_response", hu.cpu(), step)
+        if experiment is not None and hasattr(experiment, "add_histogram"):
+            # node features (§3.1): Frobenius, spectral, nuclear norm, condition number of every LoRA matrix
+            feats = node_features([m.lora_A.detach().float() for m in self.layers],
+                                  [m.lora_B.detach().float() for m in self.layers])  # (n, 4)
+            for j, name in enumerate(("frobenius", "spectral", "nuclear", "condition")):
+                experiment.add_histogram(f"spectral/node/{name}", feats[:, j].cpu(), step)
         if experiment is not None and hasattr(experiment, "add_image") and self.heatmap_every and (
                 step % self.heatmap_every == 0):
             image = coordination_image(self.corr.rho().cpu(), self.edge_index.cpu(), self.layout)
