@@ -186,6 +186,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         split_seed: seed of the validation/test carving; independent of the training seed.
         subset: train on a published few-shot subset (``k-shot-13``, ``fewglue``: see the registry);
             its ``dev`` file is the validation split and the full official dev set the test split.
+            A mapping ``{task: subset}`` names one per task (``{qnli: k-shot-13, boolq: fewglue}``: LM-BFF
+            and FewGLUE in one run); tasks it leaves out train on their full data.
         cache_dir: where tokenised splits are cached; default ``$SPECLORA_CACHE`` or
             ``~/.cache/speclora``; ``none`` disables the cache.
         padding: ``dynamic`` (to the longest sequence of the batch) or ``max_length``.
@@ -210,7 +212,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         max_eval_per_task: int | None = None,
         split_rule: Literal["unolora", "dev"] = "unolora",
         split_seed: int = 42,
-        subset: str | None = None,
+        subset: str | dict[str, str] | None = None,
         cache_dir: str | None = None,
         padding: Literal["dynamic", "max_length"] = "dynamic",
         pad_to_multiple_of: int | None = None,
@@ -232,11 +234,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(f"data.split_rule={split_rule!r}; allowed: 'unolora', 'dev'")
         if source not in ("local", "hub"):
             raise ValueError(f"data.source={source!r}; allowed: 'local', 'hub'")
-        if subset is not None:
-            missing = [s.name for s in self.specs if subset not in s.subsets]
-            if missing:
-                raise ValueError(f"data.subset={subset!r} does not exist for {missing}; tasks with subsets: "
-                                 + ", ".join(f"{s.name} {sorted(s.subsets)}" for s in self.specs if s.subsets))
+        self.subsets: dict[str, str] = self._subset_per_task(subset)
         mixing_probabilities([1] * len(self.specs), mixing, temperature)  # validates mixing/temperature
         self.save_hyperparameters()
         self.data_dir = data_dir
@@ -265,6 +263,25 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.predict_skipped: dict[str, str] = {}  # predict entry -> why it has no dataloader
 
     # ------------------------------------------------------------------ building blocks
+    def _subset_per_task(self, subset: str | dict[str, str] | None) -> dict[str, str]:
+        """``data.subset`` as task name -> subset name (every task for a string), checked against the registry."""
+        if subset is None:
+            return {}
+        if isinstance(subset, str):
+            wanted = {s.name: subset for s in self.specs}
+        else:
+            wanted = {}
+            for key, value in dict(subset).items():
+                name = get_task(key).name
+                if name not in self.tasks:
+                    raise ValueError(f"data.subset names task {key!r}, which is not in data.tasks {self.tasks}")
+                wanted[name] = value
+        missing = [t for t, sub in wanted.items() if sub not in get_task(t).subsets]
+        if missing:
+            raise ValueError(f"data.subset={subset!r} does not exist for {missing}; tasks with subsets: "
+                             + ", ".join(f"{s.name} {sorted(s.subsets)}" for s in self.specs if s.subsets))
+        return wanted
+
     @property
     def tokenizer(self):
         if self._tokenizer is None:
@@ -328,8 +345,9 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _file_splits(self, spec: TaskSpec) -> list[tuple[str, str | None]]:
         out: list[tuple[str, str | None]] = []
-        if self.subset is not None:
-            out += [("train", self.subset), ("dev", self.subset)]
+        subset = self.subsets.get(spec.name)
+        if subset is not None:
+            out += [("train", subset), ("dev", subset)]
         else:
             out.append(("train", None))
         out += [(es.dev_split, None) for es in spec.eval_sets]
@@ -347,9 +365,10 @@ class MultiTaskDataModule(L.LightningDataModule):
             g = torch.Generator().manual_seed(self.split_seed * 7919 + ti)
             dev_splits = [(name, self._tokenized(spec, es.dev_split))
                           for name, es in zip(spec.eval_names, spec.eval_sets)]
-            if self.subset is not None:
-                tr = self._tokenized(spec, "train", self.subset)
-                dv = self._tokenized(spec, "dev", self.subset)
+            subset = self.subsets.get(spec.name)
+            if subset is not None:
+                tr = self._tokenized(spec, "train", subset)
+                dv = self._tokenized(spec, "dev", subset)
                 train_part = _Part(tr, torch.arange(len(tr)), ti)
                 val.append((spec.name, _Part(dv, self._cap(torch.arange(len(dv)), self.max_eval, ti), ti)))
                 test += [(n, _Part(d, self._cap(torch.arange(len(d)), self.max_eval, ti), ti)) for n, d in dev_splits]
@@ -519,6 +538,8 @@ class MultiTaskDataModule(L.LightningDataModule):
                 sampler=_ShardSampler(len(part), rank, world),
                 collate_fn=_EntryCollator(collate, name),
                 num_workers=self.num_workers,
+                # its own generator: evaluation must not draw from the global RNG (dropout after resume)
+                generator=torch.Generator().manual_seed(self.seed),
             )
             for name, part in self._parts[stage]
         ]

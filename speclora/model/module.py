@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -214,6 +215,17 @@ class SpecLoRAModule(L.LightningModule):
     def configure_callbacks(self) -> list:
         return self.method.callbacks(self)
 
+    # ------------------------------------------------------------------ distributed set-up
+    def setup(self, stage: str) -> None:
+        # Under DDP the heads (and per-task adapters) of tasks absent from a rank's batch get no gradient on
+        # that rank; DDP must look for unused parameters, else the ranks' all-reduces fall out of step and the
+        # run hangs. Called before the strategy wraps the model, so plain ``strategy=ddp`` works.
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("DDP: find_unused_parameters=True (tasks absent from a rank's batch leave their "
+                           "heads without gradient)")
+
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -310,15 +322,31 @@ class SpecLoRAModule(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # dropout draws from the global generators: keep them so that a resumed run continues exactly
-        checkpoint["speclora_rng"] = {"torch": torch.get_rng_state()}
+        state: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["speclora_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        world = self._trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            # every rank draws its own dropout masks (its batches differ): keep each rank's generators
+            # (dump_checkpoint runs on every rank; rank 0 writes the file)
+            ranks: list[dict[str, Any]] = [{} for _ in range(world)]
+            torch.distributed.all_gather_object(ranks, state)
+            state = {**ranks[0], "ranks": ranks}
+        checkpoint["speclora_rng"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("speclora_rng")
         if state is None:
             log.warning("checkpoint holds no RNG state: dropout after resume will differ from the original run")
             return
+        ranks = state.get("ranks")
+        trainer = self._trainer
+        if ranks is not None and trainer is not None:
+            if len(ranks) == trainer.world_size:
+                state = ranks[trainer.global_rank]
+            elif trainer.state.fn == "fit":
+                rank_zero_warn(f"checkpoint saved by {len(ranks)} ranks, resumed by {trainer.world_size}: every "
+                               "rank continues rank 0's random stream, so dropout differs from the original run")
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

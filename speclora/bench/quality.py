@@ -1,0 +1,359 @@
+"""``speclora-bench quality``: the seed paper's comparison (Tables 5, 6, 7), measured in one command.
+
+    speclora-bench quality --scale smoke --out runs/bench-smoke            # CI: tiny random encoder, minutes
+    speclora-bench quality --scale cpu --out runs/bench-cpu                # default backbone, ~1 h on 2 cores
+    speclora-bench quality --scale gpu --out runs/bench-gpu                # full offline suite, one GPU
+    speclora-bench quality --scale smoke --methods independent,speclora --seeds 2 --out DIR
+    speclora-bench report --out DIR                                        # redraw tables and figures
+
+Every method of the harness (and the Table 7 ablations) runs on the same backbone, data, budget and seeds,
+each cell through :func:`speclora.cli.main` (``speclora fit`` then ``speclora test``) with the same config
+layering (speclora.bench.quality_scales). A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so
+an interrupted matrix resumes where it stopped (``--retry-failed`` reruns the failed ones). Outputs:
+
+    OUT/results.csv   one line per run (method, seed, task scores, average, params, time, memory, status)
+    OUT/results.md    the tables (speclora.bench.report), with the command, machine and date
+    OUT/plots/*.png   the figures (speclora.bench.quality_figures), also in OUT/tensorboard
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from speclora.bench import quality_scales as scales
+from speclora.bench.quality_scales import Cell, Plan
+from speclora.bench.quality_worker import CELL, RESULT, run_cell, write_result
+
+PLAN = "plan.json"
+META = "meta.json"
+
+
+# ---------------------------------------------------------------------- running cells
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _subset_of(cell: Cell) -> str | None:
+    args = list(cell.args)
+    return args[args.index("--data.subset") + 1] if "--data.subset" in args else None
+
+
+def _run_inline(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int,
+                keep_checkpoints: bool) -> dict[str, Any]:
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI(args=...) warns when the bench's own arguments are on sys.argv
+    try:
+        with _output_to(run_dir / "run.log"):
+            return run_cell(cell, run_dir, threads, conflict_batches, keep_checkpoints)
+    finally:
+        sys.argv = argv
+
+
+def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int, keep_checkpoints: bool,
+                 timeout: float | None) -> dict[str, Any]:
+    (run_dir / CELL).write_text(json.dumps({"cell": cell.to_json(), "threads": threads,
+                                            "conflict_batches": conflict_batches,
+                                            "keep_checkpoints": keep_checkpoints}, indent=1))
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, "-m", "speclora.bench.quality_worker", str(run_dir)]
+    with (run_dir / "run.log").open("ab") as log:
+        try:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            why = f"the worker process exited with code {proc.returncode} and wrote no result"
+        except subprocess.TimeoutExpired:
+            why = f"timeout: the run took longer than --run-timeout {timeout:g} s"
+    path = run_dir / RESULT
+    if path.is_file() and not why.startswith("timeout"):
+        return json.loads(path.read_text())
+    tail = (run_dir / "run.log").read_text(errors="replace")[-2000:]
+    result = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
+              "tasks": list(cell.tasks), "status": "failed", "error": why, "traceback": tail}
+    write_result(run_dir, result)
+    return result
+
+
+def run_plan(
+    plan: Plan,
+    out: Path,
+    isolation: str = "inline",
+    jobs: int = 1,
+    threads: int | None = None,
+    conflict_batches: int = 4,
+    retry_failed: bool = False,
+    keep_checkpoints: bool = False,
+    timeout: float | None = None,
+    progress: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Run every cell of the plan that has no result yet; return the rows of all cells (planned order).
+
+    A cell with a result file is skipped (``retry_failed``: unless it failed); a cell without one starts
+    afresh (a half-written run folder is removed first). Returns one row per cell: its result, or a
+    ``status: missing`` row for a cell that did not run.
+    """
+    if isolation not in ("inline", "process"):
+        raise ValueError(f"--isolation={isolation!r}; allowed: inline, process")
+    if jobs < 1:
+        raise ValueError(f"--jobs={jobs}; allowed: an integer >= 1")
+    if isolation == "inline" and jobs > 1:
+        raise ValueError(f"--jobs={jobs} needs --isolation process (inline runs one cell at a time)")
+    runs = out / "runs"
+    todo = []
+    for cell in plan.cells:
+        path = runs / cell.run_id / RESULT
+        if path.is_file():
+            status = json.loads(path.read_text()).get("status")
+            if not (retry_failed and status != "ok"):
+                continue
+        todo.append(cell)
+    progress(f"quality matrix: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
+             f"{len(todo)} to run ({isolation}, {jobs} at a time)")
+
+    def one(i_cell: tuple[int, Cell]) -> None:
+        i, cell = i_cell
+        run_dir = runs / cell.run_id
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        start = time.perf_counter()
+        if isolation == "inline":
+            result = _run_inline(cell, run_dir, threads, conflict_batches, keep_checkpoints)
+        else:
+            result = _run_process(cell, run_dir, threads, conflict_batches, keep_checkpoints, timeout)
+        avg = result.get("average")
+        what = f"average {avg:.2f}" if isinstance(avg, float) else (result.get("error") or "")[:160]
+        progress(f"[{i}/{len(todo)}] {cell.run_id}: {result['status']} in {time.perf_counter() - start:.1f} s, {what}")
+
+    if jobs == 1:
+        for item in enumerate(todo, 1):
+            one(item)
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, enumerate(todo, 1)))
+    return collect_rows(plan, out)
+
+
+def collect_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
+    """One row per planned cell: its result file, else a ``missing`` row."""
+    rows = []
+    for cell in plan.cells:
+        path = out / "runs" / cell.run_id / RESULT
+        if path.is_file():
+            row = json.loads(path.read_text())
+        else:
+            row = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
+                   "tasks": list(cell.tasks), "status": "missing", "error": "not run (yet)"}
+        row["subset"] = _subset_of(cell)
+        rows.append(row)
+    return rows
+
+
+def warm_cache(plan: Plan, configs: Path, scale: scales.Scale, backbone: str, data_dir: str | None,
+               cache_dir: str | None) -> None:
+    """Tokenise every split the matrix reads once, before several runs at once would each do it."""
+    import yaml
+
+    from speclora.data.datamodule import MultiTaskDataModule
+
+    seen = set()
+    for cell in plan.cells:
+        few = cell.group.startswith("fewshot")
+        key = (few, _subset_of(cell) if few else None)
+        if key in seen:
+            continue
+        seen.add(key)
+        overlay = yaml.safe_load(scale.overlay(configs, few).read_text())
+        subset = json.loads(key[1]) if key[1] else None
+        tasks = list(subset) if subset else list(plan.suite)
+        dm = MultiTaskDataModule(tasks=tasks, data_dir=data_dir, tokenizer=backbone, subset=subset,
+                                 max_length=overlay.get("data", {}).get("max_length", 128), cache_dir=cache_dir)
+        dm.prepare_data()
+
+
+# ---------------------------------------------------------------------- reporting
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def report(out: Path, update_doc: Path | None = None) -> Path:
+    """Write results.csv, results.md, the figures and TensorBoard from the results in ``out``."""
+    from speclora.bench.quality_figures import write_figures
+    from speclora.bench.report import MEASURES, markdown, write_csv
+
+    plan = Plan.from_json(json.loads((out / PLAN).read_text()))
+    meta = json.loads((out / META).read_text())
+    rows = collect_rows(plan, out)
+    write_csv(rows, out / "results.csv")
+    tables = markdown(rows, plan.to_json(), meta)
+    figures = write_figures(rows, plan.to_json(), out, tables)
+    figure_lines = [f"- `{p.relative_to(out)}`" for p in figures]
+    doc = tables + "\n### Figures (under the output folder; also in its `tensorboard/`)\n\n" + (
+        "\n".join(figure_lines) if figure_lines else "none (Pillow is not installed)") + "\n"
+    (out / "results.md").write_text(f"# Quality matrix: {meta['scale']}\n\n{doc}\n{MEASURES}")
+    if update_doc is not None:
+        splice(update_doc, meta["scale"], doc)
+    return out / "results.md"
+
+
+def splice(path: Path, scale: str, text: str) -> None:
+    """Replace the text between ``<!-- quality:<scale>:start -->`` and ``...:end -->`` in ``path`` (append if absent)."""
+    start, end = f"<!-- quality:{scale}:start -->", f"<!-- quality:{scale}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    doc = path.read_text() if path.is_file() else ""
+    if start in doc and end in doc:
+        doc = doc[:doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.write_text(doc)
+
+
+# ---------------------------------------------------------------------- the command
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="speclora-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quality", help="run (or resume) the quality matrix and write its tables")
+    q.add_argument("--scale", choices=sorted(scales.SCALES), required=True)
+    q.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds results)")
+    q.add_argument("--methods", default="all",
+                   help="comma list of arms: all (default), methods, ablations, or names such as "
+                        "independent,speclora,speclora/no_coordination; single always runs (ITR/IC reference)")
+    q.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the scale's)")
+    q.add_argument("--backbone", default=None, help="default: the scale's (smoke: a tiny random BERT built "
+                                                    "under OUT/backbone; cpu, gpu: 'default', all-MiniLM-L6-v2)")
+    q.add_argument("--data-dir", default=None, help="folder holding glue/ and superglue/ (default: $SPECLORA_DATA)")
+    q.add_argument("--cache-dir", default=None, help="tokenised-split cache (default: $SPECLORA_CACHE or ~/.cache/speclora)")
+    q.add_argument("--configs", type=Path, default=scales.REPO_CONFIGS, help="the configs/ folder")
+    q.add_argument("--tasks", default=None, help="comma list replacing the scale's suite (a quicker check)")
+    q.add_argument("--fewshot-tasks", default=None,
+                   help="comma list replacing the few-shot candidates (default: qnli,boolq; mnli, qqp, record "
+                        "need their official dev sets in the data folder)")
+    q.add_argument("--no-fewshot", action="store_true", help="skip the few-shot setting")
+    q.add_argument("--one-task", default=None, help="tasks of the single-task case, comma list ('' for none)")
+    q.add_argument("--isolation", choices=("inline", "process"), default=None, help="default: the scale's")
+    q.add_argument("--jobs", type=int, default=None, help="runs at once (process isolation; default: the scale's)")
+    q.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
+    q.add_argument("--run-timeout", type=float, default=None, help="seconds before a process run is killed")
+    q.add_argument("--retry-failed", action="store_true", help="rerun cells whose result says failed")
+    q.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: delete)")
+    q.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
+    q.add_argument("--update-doc", type=Path, default=None,
+                   help="also splice the tables into this markdown file (e.g. docs/results.md)")
+    r = sub.add_parser("report", help="redraw the tables and figures of an output folder")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--update-doc", type=Path, default=None)
+    return parser
+
+
+def budget(overlay: Path) -> str:
+    """The budget a scale overlay sets, in words (for the report's header)."""
+    import yaml
+
+    cfg = yaml.safe_load(overlay.read_text()) or {}
+    trainer, data = cfg.get("trainer") or {}, cfg.get("data") or {}
+
+    def cap(key: str) -> str:
+        value = data.get(key, "default")
+        return "all" if value is None else str(value)
+
+    return (f"{trainer.get('max_steps', '?')} steps of batch {data.get('batch_size', '?')}, length "
+            f"{data.get('max_length', '?')}, validation every {trainer.get('val_check_interval', '?')} steps, "
+            f"train examples per task: {cap('max_train_per_task')}, eval examples per entry: "
+            f"{cap('max_eval_per_task')} (`{overlay.parent.name}/{overlay.name}`)")
+
+
+def _list(text: str | None) -> list[str] | None:
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+
+def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
+    scale = scales.SCALES[args.scale]
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    configs = args.configs.resolve()
+    arms = scales.select_arms(args.methods, configs)
+    seeds = args.seeds if args.seeds is not None else scale.seeds
+    isolation = args.isolation or scale.isolation
+    jobs = args.jobs or (scale.jobs if isolation == "process" else 1)
+    threads = args.threads if args.threads is not None else scale.threads
+    backbone = args.backbone
+    if backbone is None:
+        backbone = scales.build_tiny_backbone(out / "backbone" / "tiny-bert") if scale.tiny_backbone else "default"
+    one_task = None if args.one_task is None else tuple(_list(args.one_task))
+    plan = scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
+                              fewshot=not args.no_fewshot, one_task=one_task, suite=_list(args.tasks),
+                              fewshot_tasks=_list(args.fewshot_tasks))
+    if args.dry_run:
+        for cell in plan.cells:
+            print(f"{cell.run_id}: speclora fit {shlex.join(cell.args)}")
+        for key, why in plan.skipped.items():
+            print(f"{key}: {why}")
+        return out
+    (out / PLAN).write_text(json.dumps(plan.to_json(), indent=1))
+    start = time.perf_counter()
+    if isolation == "process" and jobs > 1:
+        warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
+    run_plan(plan, out, isolation, jobs, threads, scale.conflict_batches, args.retry_failed, args.keep_checkpoints,
+             args.run_timeout, progress=lambda s: print(s, flush=True))
+    label = ("smoke run on a tiny random encoder: checks the pipeline, NOT a quality result"
+             if scale.name == "smoke" else "")
+    meta = {"scale": scale.name, "label": label, "command": "speclora-bench " + shlex.join(argv),
+            "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "backbone": backbone if scale.tiny_backbone is False or args.backbone else
+            "tiny random BERT (2 layers, hidden 32, built under OUT/backbone/tiny-bert)",
+            "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
+            "wall": f"{(time.perf_counter() - start) / 60:.1f} min (this invocation)",
+            "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True))}
+    (out / META).write_text(json.dumps(meta, indent=1))
+    path = report(out, args.update_doc)
+    print(f"tables: {path}", flush=True)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    if args.command == "quality":
+        quality(args, argv)
+    else:
+        print(f"tables: {report(args.out.resolve(), args.update_doc)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""What the quality matrix runs: the scales, the arms (methods, ablations, the single-task reference), the cells.
+
+A *scale* is a budget: a CLI overlay ``configs/bench/<scale>.yaml`` (suite, steps, caps; parsed by the same
+LightningCLI as every other config) for the multi-task suite, one ``<scale>_fewshot.yaml`` for the few-shot
+setting, and the few runner settings below (seeds, the single-task case, how runs are isolated). An *arm*
+is what a row of the tables is: a method config, or the spectral method with one Table 7 ablation on top.
+A *cell* is one run: group × arm × tasks × seed, with the exact ``speclora`` arguments it runs with.
+
+Groups of cells (and what they feed):
+
+    main            every arm on the suite                          Tables 5, 6, 7; conflict; convergence
+    single          ``single`` on each task of the suite            the reference of ITR and IC; one-task case
+    one_task        ``speclora`` on one task alone                  single-task case (graph: intra + inter-layer)
+    fewshot         every method arm on the few-shot tasks          few-shot table
+    fewshot_single  ``single`` on each few-shot task                few-shot ITR / IC
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from speclora.data.sources import resolve_data_root
+from speclora.tasks import get_task
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+# The methods of the harness (DESIGN.md, "Methods in one harness"), one config each under configs/methods/.
+METHOD_ARMS: tuple[str, ...] = ("independent", "shared", "unolora_star", "adalora", "ortho", "mtlora",
+                                "hyperformer", "full_ft", "speclora")
+REFERENCE = "single"
+SPECTRAL = "speclora"
+# Baselines the spectral method is tested against (significance): the parameter-efficient ones. full_ft
+# trains the whole encoder, a different budget: it is reported, as an upper reference, not a baseline.
+BASELINES: tuple[str, ...] = ("independent", "shared", "unolora_star", "adalora", "ortho", "mtlora", "hyperformer")
+# Few-shot candidates: LM-BFF 16-shot GLUE and FewGLUE 32 SuperGLUE (SOURCES.md); LM-BFF seeds in order.
+FEWSHOT_TASKS: tuple[str, ...] = ("mnli", "qqp", "qnli", "boolq", "record")
+LMBFF_SEEDS: tuple[int, ...] = (13, 21, 42, 87, 100)
+
+Group = Literal["main", "single", "one_task", "fewshot", "fewshot_single"]
+GROUPS: tuple[str, ...] = ("main", "single", "one_task", "fewshot", "fewshot_single")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A budget of the quality matrix.
+
+    Args:
+        name: ``smoke``, ``cpu`` or ``gpu``; the overlays are ``configs/bench/<name>{,_fewshot}.yaml``.
+        seeds: default number of seeds (0 .. seeds-1).
+        one_task: tasks of the single-task case (each: ``speclora`` alone vs ``single``).
+        isolation: ``inline`` runs each cell in this process (no start-up cost; an exception fails the
+            cell, not the matrix), ``process`` in a child process (a crash or OOM fails only the cell).
+        jobs: cells run at once (``process`` isolation only).
+        threads: torch CPU threads per run (None: torch's default).
+        tiny_backbone: build the tiny random encoder under OUT/backbone and use it (smoke).
+        conflict_batches: training batches the gradient-conflict measure reads.
+        fewshot_arms: the method arms of the few-shot setting (None: every selected method).
+    """
+
+    name: str
+    seeds: int
+    one_task: tuple[str, ...]
+    isolation: Literal["inline", "process"]
+    jobs: int = 1
+    threads: int | None = None
+    tiny_backbone: bool = False
+    conflict_batches: int = 4
+    fewshot_arms: tuple[str, ...] | None = None
+
+    def overlay(self, configs: Path, fewshot: bool = False) -> Path:
+        return configs / "bench" / f"{self.name}{'_fewshot' if fewshot else ''}.yaml"
+
+
+SCALES: dict[str, Scale] = {
+    # CI: a 2-layer, 32-wide random BERT, 20 steps per run; the whole matrix in a few minutes on 2 cores
+    "smoke": Scale("smoke", seeds=2, one_task=("rte",), isolation="inline", threads=1,
+                   tiny_backbone=True),
+    # the default backbone on a 2-core CPU, one torch thread (two threads thrash on a shared machine): about
+    # 75 runs of about a minute (estimated from a per-step measurement; docs/results.md)
+    "cpu": Scale("cpu", seeds=3, one_task=("rte",), isolation="inline", threads=1, conflict_batches=2,
+                 fewshot_arms=("independent", "shared", "mtlora", "speclora")),
+    # the full offline suite on one H100-class GPU, several runs at once (16 CPU cores)
+    "gpu": Scale("gpu", seeds=3, one_task=("rte", "mrpc", "cola"), isolation="process", jobs=6, threads=2),
+}
+
+
+def ablation_arms(configs: Path) -> tuple[str, ...]:
+    """``speclora/<ablation>`` for every file of configs/methods/speclora_ablations/ (the paper's Table 7)."""
+    folder = configs / "methods" / "speclora_ablations"
+    return tuple(f"{SPECTRAL}/{p.stem}" for p in sorted(folder.glob("*.yaml")))
+
+
+def arm_configs(arm: str, configs: Path) -> list[Path]:
+    """The method config files of an arm, in the order they are layered."""
+    method, _, ablation = arm.partition("/")
+    files = [configs / "methods" / f"{method}.yaml"]
+    if ablation:
+        files.append(configs / "methods" / "speclora_ablations" / f"{ablation}.yaml")
+    for f in files:
+        if not f.is_file():
+            raise ValueError(f"--methods: arm {arm!r} has no config {f}")
+    return files
+
+
+def select_arms(spec: str, configs: Path) -> tuple[str, ...]:
+    """``--methods``: a comma list of arm names and the keywords ``all`` (methods and ablations),
+    ``methods`` (every method arm) and ``ablations`` (every ``speclora/<ablation>``).
+
+    Raises:
+        ValueError: naming an unknown arm and what is allowed.
+    """
+    ablations = ablation_arms(configs)
+    known = (*METHOD_ARMS, *ablations)
+    out: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            picked = list(known)
+        elif item == "methods":
+            picked = list(METHOD_ARMS)
+        elif item == "ablations":
+            picked = list(ablations)
+        elif item in known:
+            picked = [item]
+        elif item == REFERENCE:
+            picked = []  # always run: the reference of ITR and IC
+        else:
+            raise ValueError(f"--methods: unknown arm {item!r}; allowed: all, methods, ablations, "
+                             + ", ".join(known))
+        out += [a for a in picked if a not in out]
+    if not out:
+        raise ValueError(f"--methods={spec!r} selects no arm")
+    return tuple(out)
+
+
+def suite_tasks(overlay: Path) -> list[str]:
+    """``data.tasks`` of a scale overlay (its registry names)."""
+    data = yaml.safe_load(overlay.read_text()) or {}
+    tasks = (data.get("data") or {}).get("tasks")
+    if not tasks:
+        raise ValueError(f"{overlay}: no data.tasks; a bench scale names its suite")
+    return [get_task(t).name for t in tasks]
+
+
+def fewshot_subset(task: str, seed_index: int) -> str:
+    """The published subset a run of seed index i trains on: LM-BFF seed i (mod 5), or FewGLUE (only one)."""
+    subsets = get_task(task).subsets
+    if "fewglue" in subsets:
+        return "fewglue"
+    return f"k-shot-{LMBFF_SEEDS[seed_index % len(LMBFF_SEEDS)]}"
+
+
+def fewshot_availability(tasks: list[str], data_dir: str | None) -> dict[str, str | None]:
+    """task -> None if its subset files and its official dev set(s) are in the data folder, else why not.
+
+    Offline (shared/data) MNLI, QQP and ReCoRD have their subsets but not their official dev sets (SOURCES.md),
+    so they cannot be tested on the full dev set there.
+    """
+    root = resolve_data_root(data_dir)
+    out: dict[str, str | None] = {}
+    for name in tasks:
+        spec = get_task(name)
+        if not spec.subsets:
+            out[spec.name] = "the registry names no published few-shot subset for it"
+            continue
+        files = [spec.files[es.dev_split] for es in spec.eval_sets]
+        files += [path for sub in spec.subsets.values() for path in sub.values()]
+        missing = [f for f in files if not (root / f).is_file()]
+        out[spec.name] = None if not missing else f"missing under {root}: {', '.join(missing)}"
+    return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the matrix: the ``speclora fit`` / ``speclora test`` arguments it shares, and what it is."""
+
+    group: str
+    arm: str
+    seed: int
+    tasks: tuple[str, ...]
+    args: tuple[str, ...] = field(compare=False)
+
+    @property
+    def run_id(self) -> str:
+        where = self.tasks[0] if self.group in ("single", "one_task", "fewshot_single") else "suite"
+        return f"{self.group}__{self.arm.replace('/', '-')}__{where}__seed{self.seed}"
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "arm": self.arm, "seed": self.seed, "tasks": list(self.tasks),
+                "args": list(self.args)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Cell:
+        return cls(d["group"], d["arm"], int(d["seed"]), tuple(d["tasks"]), tuple(d["args"]))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cells of a matrix and what was left out of it (and why)."""
+
+    cells: tuple[Cell, ...]
+    suite: tuple[str, ...]
+    fewshot_tasks: tuple[str, ...]
+    skipped: dict[str, str]
+
+    def to_json(self) -> dict:
+        return {"cells": [c.to_json() for c in self.cells], "suite": list(self.suite),
+                "fewshot_tasks": list(self.fewshot_tasks), "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plan:
+        return cls(tuple(Cell.from_json(c) for c in d["cells"]), tuple(d["suite"]), tuple(d["fewshot_tasks"]),
+                   dict(d["skipped"]))
+
+
+def plan_matrix(
+    scale: Scale,
+    arms: tuple[str, ...],
+    seeds: int,
+    configs: Path,
+    backbone: str,
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    fewshot: bool = True,
+    one_task: tuple[str, ...] | None = None,
+    suite: list[str] | None = None,
+    fewshot_tasks: list[str] | None = None,
+) -> Plan:
+    """Every cell of the matrix, each with the full ``speclora`` argument list it will run with.
+
+    The layering is the same for every cell: configs/default.yaml, the scale overlay, the arm's method
+    config(s), then the cell's tasks, seed, backbone and data options on the command line. ``suite`` and
+    ``fewshot_tasks`` replace the overlays' task lists (fewer tasks for a quicker check). Seed s sets
+    ``seed_everything`` (data order, heads, dropout) and, for LoRA methods, ``model.lora.init_seed`` (the
+    shared initial A); full_ft has no LoRA and refuses LoRA options.
+    """
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds}; allowed: an integer >= 1")
+    default = configs / "default.yaml"
+    suite = [get_task(t).name for t in suite] if suite else suite_tasks(scale.overlay(configs))
+    skipped: dict[str, str] = {}
+
+    def args(overlay: Path, arm: str, tasks: list[str], seed: int, subset: dict[str, str] | None) -> tuple[str, ...]:
+        out = ["--config", str(default), "--config", str(overlay)]
+        for f in arm_configs(arm, configs):
+            out += ["--config", str(f)]
+        out += ["--data.tasks", json.dumps(tasks), "--seed_everything", str(seed), "--model.backbone", backbone]
+        if not arm.startswith("full_ft"):
+            out += ["--model.lora.init_seed", str(seed)]
+        if data_dir is not None:
+            out += ["--data.data_dir", str(data_dir)]
+        if cache_dir is not None:
+            out += ["--data.cache_dir", str(cache_dir)]
+        if subset:
+            out += ["--data.subset", json.dumps(subset)]
+        return tuple(out)
+
+    cells: list[Cell] = []
+    main_overlay = scale.overlay(configs)
+    for seed in range(seeds):
+        for arm in arms:
+            cells.append(Cell("main", arm, seed, tuple(suite), args(main_overlay, arm, suite, seed, None)))
+        for task in suite:
+            cells.append(Cell("single", REFERENCE, seed, (task,), args(main_overlay, REFERENCE, [task], seed, None)))
+    one = scale.one_task if one_task is None else one_task
+    if SPECTRAL in arms:
+        for seed in range(seeds):
+            for task in one:
+                cells.append(Cell("one_task", SPECTRAL, seed, (task,), args(main_overlay, SPECTRAL, [task], seed, None)))
+    available: list[str] = []
+    if fewshot:
+        few_overlay = scale.overlay(configs, fewshot=True)
+        wanted = [get_task(t).name for t in fewshot_tasks] if fewshot_tasks else suite_tasks(few_overlay)
+        for task, why in fewshot_availability(wanted, data_dir).items():
+            if why is None:
+                available.append(task)
+            else:
+                skipped[f"fewshot/{task}"] = f"not run: its official dev set is not in the data folder ({why})"
+        method_arms = [a for a in arms if "/" not in a and (scale.fewshot_arms is None or a in scale.fewshot_arms)]
+        if len(available) < 2:
+            skipped["fewshot"] = f"not run: fewer than two few-shot tasks are available ({available})"
+        else:
+            for seed in range(seeds):
+                subset = {t: fewshot_subset(t, seed) for t in available}
+                for arm in method_arms:
+                    cells.append(Cell("fewshot", arm, seed, tuple(available),
+                                      args(few_overlay, arm, available, seed, subset)))
+                for task in available:
+                    cells.append(Cell("fewshot_single", REFERENCE, seed, (task,),
+                                      args(few_overlay, REFERENCE, [task], seed, {task: subset[task]})))
+    return Plan(tuple(cells), tuple(suite), tuple(available), skipped)
+
+
+def build_tiny_backbone(folder: Path) -> str:
+    """A 2-layer, 32-wide random BERT with the packaged MiniLM tokenizer (as tests/conftest.py builds it).
+
+    Built once: an existing folder holding a config is reused, so that a resumed matrix keeps its encoder.
+    """
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from speclora.model.backbone import default_backbone_path
+
+    if (folder / "config.json").is_file():
+        return str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(default_backbone_path()))
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    torch.random.set_rng_state(state)
+    tok.save_pretrained(folder)
+    return str(folder)

@@ -1,0 +1,373 @@
+"""The quality matrix's outputs: ``results.csv`` (one line per run) and ``results.md`` (the tables).
+
+Tables, each mean ± std over seeds (speclora.bench.quality_stats has the arithmetic):
+
+    Table 5      test score per task and the suite average, per method (``single``: the reference)
+    Table 6      trainable parameters, fit wall time, time per step, peak memory; ITR, IC, conflict rates
+    Convergence  steps to 95% of the final validation average, and the ratio to ``independent``
+    Table 7      the spectral method's ablations (configs/methods/speclora_ablations/)
+    Few-shot     LM-BFF / FewGLUE subsets, tested on the official dev sets
+    One task     ``speclora`` on one task alone against ``single``
+    Significance ``speclora`` against the best parameter-efficient baseline, paired over seeds
+
+A run that failed is a cell that says so (and is listed with its error); it is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from speclora.bench import quality_stats as qs
+from speclora.bench.quality_scales import BASELINES, METHOD_ARMS, REFERENCE, SPECTRAL
+from speclora.tasks import get_task
+
+Row = Mapping[str, Any]
+
+
+def task_label(task: str) -> str:
+    try:
+        return get_task(task).display
+    except ValueError:
+        return task
+
+
+# ---------------------------------------------------------------------- CSV
+def write_csv(rows: Sequence[Row], path: Path) -> None:
+    """One line per run: what it is, its status, its scores and its costs."""
+    tasks: list[str] = []
+    for r in rows:
+        tasks += [t for t in r.get("tasks", []) if t not in tasks]
+    fields = ["run_id", "group", "method", "seed", "tasks", "status", "error", *[f"score_{t}" for t in tasks],
+              "average", "val_best", "tested_checkpoint", "trainable_params", "encoder_side_params", "steps",
+              "fit_seconds", "seconds_per_step", "test_seconds", "peak_rss_mib", "peak_cuda_mib", "device",
+              "conflict_rate", "conflict_mean_cos", "conflict_trainable_rate", "steps_to_95"]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            scores = r.get("scores") or {}
+            params = r.get("params") or {}
+            conflict = r.get("conflict") or {}
+            steps = r.get("steps")
+            fit = r.get("fit_seconds")
+            line = {
+                "run_id": r.get("run_id"), "group": r["group"], "method": r["arm"], "seed": r["seed"],
+                "tasks": " ".join(r.get("tasks", [])), "status": r.get("status"), "error": r.get("error") or "",
+                "average": r.get("average"), "val_best": r.get("val_best"),
+                "tested_checkpoint": r.get("tested_checkpoint"), "trainable_params": params.get("trainable"),
+                "encoder_side_params": params.get("encoder_side"), "steps": steps, "fit_seconds": fit,
+                "seconds_per_step": fit / steps if fit and steps else None, "test_seconds": r.get("test_seconds"),
+                "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
+                "device": r.get("device"), "conflict_rate": conflict.get("rate"),
+                "conflict_mean_cos": conflict.get("mean_cos"), "conflict_trainable_rate": conflict.get("trainable_rate"),
+                "steps_to_95": qs.steps_to_fraction((r.get("curves") or {}).get("val/average")) if r.get("status") == "ok" else None,
+            }
+            line.update({f"score_{t}": scores.get(t) for t in tasks})
+            w.writerow(line)
+
+
+# ---------------------------------------------------------------------- markdown helpers
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def _runs(rows: Sequence[Row]) -> str:
+    """'2/2', or '1/2, 1 failed' / '0/2, 1 failed, 1 missing'."""
+    n = len(rows)
+    good = sum(r.get("status") == "ok" for r in rows)
+    failed = sum(r.get("status") == "failed" for r in rows)
+    missing = sum(r.get("status") == "missing" for r in rows)
+    text = f"{good}/{n}"
+    if failed:
+        text += f", {failed} failed"
+    if missing:
+        text += f", {missing} not run"
+    return text
+
+
+def _cell(stat: qs.Stat, rows: Sequence[Row], digits: int = 1) -> str:
+    """mean ± std, or 'failed' when no run of the cell succeeded because they failed."""
+    if stat.n == 0:
+        if any(r.get("status") == "failed" for r in rows):
+            return "failed"
+        if any(r.get("status") == "missing" for r in rows):
+            return "not run"
+        return "n/a"
+    return stat.fmt(digits)
+
+
+def _pct(x: float) -> str:
+    return f"{x:+.1f}%" if qs.finite(x) else "–"
+
+
+def _paired(p: qs.Paired, digits: int = 2) -> tuple[str, str, str]:
+    if p.n == 0:
+        return "–", "–", "–"
+    ci = f"[{p.low:+.{digits}f}, {p.high:+.{digits}f}]" if qs.finite(p.low) else "–"
+    pv = f"{p.p:.3f}" if qs.finite(p.p) else "–"
+    return f"{p.mean:+.{digits}f}", ci, pv
+
+
+# ---------------------------------------------------------------------- tables
+def score_table(rows: Sequence[Row], group: str, arms: Sequence[str], tasks: Sequence[str],
+                reference_group: str | None) -> tuple[str, dict[str, dict[str, tuple[float, float]]]]:
+    """Per-task and average test scores, mean ± std over seeds; also returns the numbers for the chart."""
+    header = ["method", "runs", *[task_label(t) for t in tasks], "Average"]
+    lines, numbers = [], {}
+    ref = qs.select(rows, reference_group) if reference_group is not None else []
+    if ref:
+        singles = qs.single_table(rows, reference_group)
+        cells, nums = [], {}
+        for t in tasks:
+            st = qs.mean_std(singles[s][t] for s in singles if t in singles[s])
+            cells.append(_cell(st, [r for r in ref if r["tasks"] == [t]]))
+            nums[t] = (st.mean, st.std)
+        avg = qs.mean_std(qs.single_averages(singles, tasks).values())
+        nums["Average"] = (avg.mean, avg.std)
+        lines.append([f"{REFERENCE} (reference, one run per task)", _runs(ref), *cells, _cell(avg, ref)])
+        numbers[REFERENCE] = nums
+    for arm in arms:
+        rs = qs.select(rows, group, arm)
+        if not rs:
+            continue
+        nums, cells = {}, []
+        for t in tasks:
+            st = qs.mean_std(qs.task_by_seed(rs, t).values())
+            cells.append(_cell(st, rs))
+            nums[t] = (st.mean, st.std)
+        avg = qs.mean_std(qs.by_seed(rs).values())
+        nums["Average"] = (avg.mean, avg.std)
+        numbers[arm] = nums
+        lines.append([arm, _runs(rs), *cells, _cell(avg, rs)])
+    return _table(header, lines), numbers
+
+
+def cost_table(rows: Sequence[Row], arms: Sequence[str]) -> str:
+    """Table 6: parameters, time, memory; ITR, IC and the conflict rates (main group)."""
+    singles = qs.single_table(rows, "single")
+    header = ["method", "trainable params", "adapter-side params", "fit time (s)", "s / step", "peak memory (MiB)",
+              "ITR", "IC", "conflict rate (W)", "mean cos (W)", "conflict rate (shared trainable)"]
+    lines = []
+    for arm in [REFERENCE, *arms]:
+        group = "single" if arm == REFERENCE else "main"
+        rs = qs.select(rows, group, arm)
+        if not rs:
+            continue
+        good = qs.ok(rs)
+        params = qs.mean_std((r.get("params") or {}).get("trainable") for r in good)
+        side = qs.mean_std((r.get("params") or {}).get("encoder_side") for r in good)
+        fit = qs.mean_std(r.get("fit_seconds") for r in good)
+        per_step = qs.mean_std(r["fit_seconds"] / r["steps"] for r in good if r.get("steps"))
+        cuda = [r.get("peak_cuda_mib") for r in good if r.get("peak_cuda_mib") is not None]
+        mem = qs.mean_std(cuda) if cuda else qs.mean_std(r.get("peak_rss_mib") for r in good)
+        mem_text = _cell(mem, rs, 0) + (" (GPU)" if cuda else " (RSS)" if mem.n else "")
+        if arm == REFERENCE:
+            itr = ic = conflict = cos = trainable = "–"
+        else:
+            tr = qs.transfer(rs, singles)
+            itr, ic = _cell(tr.itr_stat, rs, 3), _cell(tr.ic_stat, rs, 3)
+            conflict = _cell(qs.mean_std((r.get("conflict") or {}).get("rate") for r in good), rs, 2)
+            cos = _cell(qs.mean_std((r.get("conflict") or {}).get("mean_cos") for r in good), rs, 3)
+            shared = [(r.get("conflict") or {}).get("trainable_rate") for r in good]
+            trainable = (_cell(qs.mean_std(shared), rs, 2) if any(v is not None for v in shared)
+                         else "n/a (no shared coordinate)" if good else _cell(qs.Stat(0, 0, 0), rs))
+        label = f"{REFERENCE} (per task)" if arm == REFERENCE else arm
+        lines.append([label, _cell(params, rs, 0), _cell(side, rs, 0), _cell(fit, rs, 1), _cell(per_step, rs, 3),
+                      mem_text, itr, ic, conflict, cos, trainable])
+    return _table(header, lines)
+
+
+def convergence_table(rows: Sequence[Row], arms: Sequence[str]) -> str:
+    ref = qs.convergence(qs.select(rows, "main", "independent"))
+    ref_mean = qs.mean_std(ref.values()).mean
+    header = ["method", "steps to 95% of final val average", "ratio to independent", "final val average"]
+    lines = []
+    for arm in arms:
+        rs = qs.select(rows, "main", arm)
+        if not rs:
+            continue
+        steps = qs.mean_std(qs.convergence(rs).values())
+        final = qs.mean_std(((r.get("curves") or {}).get("val/average") or [[0, math.nan]])[-1][1] for r in qs.ok(rs))
+        ratio = steps.mean / ref_mean if qs.finite(steps.mean) and qs.finite(ref_mean) and ref_mean > 0 else math.nan
+        lines.append([arm, _cell(steps, rs, 1), f"{ratio:.2f}" if qs.finite(ratio) else "–", _cell(final, rs, 1)])
+    return _table(header, lines)
+
+
+def ablation_table(rows: Sequence[Row], ablations: Sequence[str], tasks: Sequence[str]) -> str:
+    """Table 7: the full method and each ablation; Δ = ablation − full (points and % of the full average)."""
+    header = ["configuration", "runs", *[task_label(t) for t in tasks], "Average", "Δ (points)", "Δ %",
+              "paired Δ, 95% CI"]
+    full = qs.select(rows, "main", SPECTRAL)
+    full_avg = qs.mean_std(qs.by_seed(full).values())
+    lines = []
+    for arm in [SPECTRAL, *ablations]:
+        rs = qs.select(rows, "main", arm)
+        if not rs:
+            continue
+        cells = [_cell(qs.mean_std(qs.task_by_seed(rs, t).values()), rs) for t in tasks]
+        avg = qs.mean_std(qs.by_seed(rs).values())
+        if arm == SPECTRAL:
+            lines.append(["full method (speclora)", _runs(rs), *cells, _cell(avg, rs), "–", "–", "–"])
+            continue
+        delta = avg.mean - full_avg.mean
+        pct = 100 * delta / abs(full_avg.mean) if qs.finite(delta) and full_avg.mean else math.nan
+        p = qs.paired(qs.by_seed(rs), qs.by_seed(full))
+        mean, ci, _ = _paired(p)
+        lines.append([arm.split("/", 1)[1], _runs(rs), *cells, _cell(avg, rs),
+                      f"{delta:+.2f}" if qs.finite(delta) else "–", _pct(pct), f"{mean} {ci}" if p.n else "–"])
+    return _table(header, lines)
+
+
+def fewshot_table(rows: Sequence[Row], arms: Sequence[str], tasks: Sequence[str]) -> str:
+    table, _ = score_table(rows, "fewshot", arms, tasks, "fewshot_single")
+    singles = qs.single_table(rows, "fewshot_single")
+    header = ["method", "ITR", "IC", "conflict rate (W)"]
+    lines = []
+    for arm in arms:
+        rs = qs.select(rows, "fewshot", arm)
+        if not rs:
+            continue
+        tr = qs.transfer(rs, singles)
+        conflict = qs.mean_std((r.get("conflict") or {}).get("rate") for r in qs.ok(rs))
+        lines.append([arm, _cell(tr.itr_stat, rs, 3), _cell(tr.ic_stat, rs, 3), _cell(conflict, rs, 2)])
+    return table + "\n\n" + _table(header, lines)
+
+
+def one_task_table(rows: Sequence[Row], tasks: Sequence[str]) -> str:
+    header = ["task", "single", "speclora, one task", "Δ (paired mean)", "95% CI", "p", "seeds", "verdict"]
+    lines = []
+    for t in tasks:
+        spec_rows = [r for r in qs.select(rows, "one_task", SPECTRAL) if r["tasks"] == [t]]
+        ref_rows = [r for r in qs.select(rows, "single", REFERENCE) if r["tasks"] == [t]]
+        if not spec_rows:
+            continue
+        a, b = qs.task_by_seed(spec_rows, t), qs.task_by_seed(ref_rows, t)
+        p = qs.paired(a, b)
+        mean, ci, pv = _paired(p)
+        lines.append([task_label(t), _cell(qs.mean_std(b.values()), ref_rows), _cell(qs.mean_std(a.values()), spec_rows),
+                      mean, ci, pv, str(p.n), p.verdict])
+    return _table(header, lines)
+
+
+def significance(rows: Sequence[Row], group: str, tasks: Sequence[str]) -> tuple[str, list[str]]:
+    """speclora against the best baseline of the group, paired over seeds; the table and plain sentences."""
+    best = qs.best_baseline(rows, group, BASELINES)
+    spec = qs.select(rows, group, SPECTRAL)
+    if best is None or not qs.ok(spec):
+        return "No comparison: the spectral method or every baseline has no successful run.", []
+    base = qs.select(rows, group, best)
+    header = ["task", f"{SPECTRAL} − {best} (mean)", "95% CI", "p", "seeds", "verdict"]
+    lines, verdicts = [], {}
+    for t in [*tasks, "Average"]:
+        if t == "Average":
+            p = qs.paired(qs.by_seed(spec), qs.by_seed(base))
+        else:
+            p = qs.paired(qs.task_by_seed(spec, t), qs.task_by_seed(base, t))
+        mean, ci, pv = _paired(p)
+        label = task_label(t) if t != "Average" else "Average"
+        lines.append([label, mean, ci, pv, str(p.n), p.verdict])
+        verdicts[label] = p.verdict
+    groups: dict[str, list[str]] = {}
+    for label, v in verdicts.items():
+        groups.setdefault(v, []).append(label)
+    sentences = [f"Best baseline by mean average: **{best}**."]
+    for v, what in (("better", "helps (CI above 0)"), ("worse", "hurts (CI below 0)"),
+                    ("no significant difference", "makes no significant difference (CI contains 0)"),
+                    ("too few seeds", "cannot be judged (fewer than two paired seeds)")):
+        if v in groups:
+            sentences.append(f"{SPECTRAL} {what} on: {', '.join(groups[v])}.")
+    return _table(header, lines), sentences
+
+
+def failures(rows: Sequence[Row]) -> str:
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if not bad:
+        return "None: every planned run finished."
+    lines = [[r.get("run_id", "?"), r.get("status", "?"), (r.get("error") or "").replace("|", "\\|").replace("\n", " ")[:300]]
+             for r in bad]
+    return _table(["run", "status", "error"], lines)
+
+
+# ---------------------------------------------------------------------- the document
+def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
+    """results.md: a header saying what was run where and when, then every table."""
+    suite, few = list(plan["suite"]), list(plan["fewshot_tasks"])
+    main_arms = qs.arms_of(rows, "main")
+    methods = [a for a in METHOD_ARMS if a in main_arms]
+    ablations = [a for a in main_arms if "/" in a]
+    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "failed", "missing")}
+    out = [f"## Scale `{meta['scale']}`: {meta.get('label', '')}".rstrip(": "), ""]
+    out += [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+            f"- backbone: {meta['backbone']}; suite: {', '.join(task_label(t) for t in suite)}; "
+            f"seeds: {meta['seeds']}; isolation: {meta['isolation']}, {meta['jobs']} run(s) at a time, "
+            f"torch threads {meta['threads']}",
+            f"- budget of every run: {meta.get('budget', '?')}",
+            f"- runs: {len(rows)} planned, {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; "
+            f"matrix wall time {meta.get('wall', '?')}"]
+    for key, why in plan.get("skipped", {}).items():
+        out.append(f"- {key}: {why}")
+    out += ["", "### Table 5: test score per task (mean ± std over seeds)", "",
+            score_table(rows, "main", methods, suite, "single")[0], "",
+            "### Table 6: cost, transfer and gradient conflict", "", cost_table(rows, methods), "",
+            "### Convergence", "", convergence_table(rows, methods), ""]
+    if ablations:
+        out += ["### Table 7: ablations of the spectral method", "", ablation_table(rows, ablations, suite), ""]
+    if few:
+        subsets = {int(r["seed"]): json.loads(r["subset"]) for r in qs.select(rows, "fewshot") if r.get("subset")}
+        out += ["### Few-shot (published subsets; tested on the official dev sets)", "",
+                f"Budget: {meta.get('fewshot_budget', '?')}; the eval cap applies to the test split, the official "
+                "dev set (validation is the subset's own dev file).", ""]
+        if subsets:
+            out += ["Training subsets: " + "; ".join(
+                f"seed {s}: " + ", ".join(f"{task_label(t)} {v}" for t, v in subsets[s].items())
+                for s in sorted(subsets)) + ".", ""]
+        out += [fewshot_table(rows, [a for a in METHOD_ARMS if a in qs.arms_of(rows, 'fewshot')], few), ""]
+    if qs.select(rows, "one_task"):
+        out += ["### Single-task case: speclora on one task (graph: intra-task and inter-layer edges) vs single", "",
+                one_task_table(rows, suite), ""]
+    out += ["### Significance: speclora against the best baseline (paired over seeds, 95% t-interval)", ""]
+    for group, tasks, title in (("main", suite, "suite"), ("fewshot", few, "few-shot")):
+        if not qs.select(rows, group):
+            continue
+        table, sentences = significance(rows, group, tasks)
+        out += [f"**{title}**", "", table, ""] + [f"- {s}" for s in sentences] + [""]
+    out += ["### Runs that did not finish", "", failures(rows), ""]
+    return "\n".join(out)
+
+
+MEASURES = """\
+How each number is measured (speclora.bench; same code path as `speclora fit` + `speclora test`):
+
+- **Scores**: the test split of each task (docs/data.md, `split_rule: unolora`), evaluated on the checkpoint
+  with the best `val/average` (early stopping on validation), in points; a task's score is the mean of its
+  official metrics; the average is the plain mean over tasks. Mean ± sample std over seeds.
+- **Seeds**: seed s sets `seed_everything` (data order, heads, dropout) and `model.lora.init_seed` (the shared
+  initial A; not for full_ft, which has no LoRA). Few-shot run s trains on LM-BFF subset seed 13/21/42/87/100
+  (s mod 5); FewGLUE has one subset, the same for every seed.
+- **single**: one LoRA per task trained alone with the same steps, batch and caps as the multi-task runs (so
+  each single run sees its task more often: a generous reference). ITR and IC are computed per seed against
+  the single run of the same seed (speclora.metrics), over the tasks whose single score is positive.
+- **Parameters**: `SpecLoRAModule.trainable_parameters()` (all trainable, and adapter-side = inside the encoder).
+- **Time**: wall time of the whole `fit` call (validation included) and that divided by the steps; on a shared
+  machine, and with several runs at once, times are indicative only. **Memory**: GPU runs: peak
+  `torch.cuda.max_memory_allocated`; CPU runs: peak resident set of the process (VmHWM, reset before the fit;
+  with `--isolation inline` the process also holds what earlier runs left, so compare CPU memory only from
+  `--isolation process` runs).
+- **Gradient conflict**: after training, at the tested weights, in eval mode, on the first training batches of
+  the seed's mixing order (the same batches for every method), each task's raw loss gradient (no surgery, no
+  extra loss). *conflict rate (W)*: share of task pairs with cos < 0 of the gradients on the encoder's attention
+  projection weights W (every task's forward uses W + ΔW_t, so this is one space shared by every method);
+  *mean cos (W)*: their mean pairwise cosine; *shared trainable*: the same rate on the trainable coordinates
+  that two or more tasks move (n/a for per-task adapters, which share none).
+- **Convergence**: the first validation step at which `val/average` reaches 95% of its last value (resolution:
+  `val_check_interval`); ratio = mean steps of the method / mean steps of independent.
+- **Significance**: paired differences over seeds, d̄ ± t(0.975, n−1)·sd/√n; "better"/"worse" when the
+  interval excludes 0. Few seeds give wide intervals: "no significant difference" is not "equal".
+"""

@@ -1,0 +1,142 @@
+"""speclora-bench quality end to end on the smoke scale (tiny random encoder), resume, failures, few-shot."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from speclora.bench import quality
+from speclora.bench.quality_scales import (
+    REPO_CONFIGS,
+    SCALES,
+    Cell,
+    Plan,
+    fewshot_availability,
+    plan_matrix,
+    select_arms,
+)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, data_root, tiny_backbone):
+    """Two tasks, the spectral method, one baseline and one ablation, two seeds, the single-task case on RTE."""
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    cache = tmp_path_factory.getbasetemp() / "token_cache"
+    argv = ["quality", "--scale", "smoke", "--out", str(out), "--methods", "independent,speclora,speclora/no_coordination",
+            "--seeds", "2", "--tasks", "rte,stsb", "--one-task", "rte", "--no-fewshot", "--backbone", tiny_backbone,
+            "--data-dir", str(data_root), "--cache-dir", str(cache)]
+    assert quality.main(argv) == 0
+    return out, argv
+
+
+def test_the_smoke_matrix_writes_every_table(smoke):
+    out, _ = smoke
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # 3 arms x 2 seeds, single x 2 tasks x 2 seeds, speclora on RTE alone x 2 seeds
+    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
+    assert {(r["group"], r["method"]) for r in rows} == {
+        ("main", "independent"), ("main", "speclora"), ("main", "speclora/no_coordination"),
+        ("single", "single"), ("one_task", "speclora")}
+    for r in rows:
+        assert float(r["trainable_params"]) > 0 and float(r["fit_seconds"]) > 0 and float(r["peak_rss_mib"]) > 0
+        assert r["conflict_rate"] != "" or r["group"] != "main"
+    doc = (out / "results.md").read_text()
+    for title in ("Table 5", "Table 6", "Convergence", "Table 7", "Single-task case", "Significance",
+                  "smoke run on a tiny random encoder"):
+        assert title in doc
+    table5 = doc.split("### Table 5")[1].split("###")[0]
+    assert "| speclora | 2/2 |" in table5 and "| single (reference, one run per task) | 4/4 |" in table5
+    assert "| no_coordination | 2/2 |" in doc
+    for png in ("scores_main", "scores_ablations", "curves", "spectrum", "coordination"):
+        assert (out / "plots" / f"{png}.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    spectral = json.loads((out / "runs" / "main__speclora__suite__seed0" / "result.json").read_text())
+    assert spectral["spectral"]["num_nodes"] == 2 * 2 * 8  # 2 (A, B) x T=2 x 8 slots of the tiny BERT
+    assert spectral["curves"]["val/average"] and not list(out.rglob("*.ckpt"))
+    one = json.loads((out / "runs" / "one_task__speclora__rte__seed0" / "result.json").read_text())
+    # one task: the graph keeps its intra-task and inter-layer edges and has no inter-task edge
+    edges = one["spectral"]["edges"]
+    assert edges["inter_task"] == 0 and edges["intra"] > 0 and edges["inter_layer"] > 0
+    assert one["scores"].keys() == {"rte"}
+
+
+def test_resume_skips_finished_runs(smoke, monkeypatch, capsys):
+    out, argv = smoke
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished run was run again")
+
+    monkeypatch.setattr(quality, "run_cell", must_not_run)
+    assert quality.main(argv) == 0
+    assert "12 cells, 12 already done, 0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
+
+
+def test_a_failing_run_is_reported_as_failed(tmp_path, tiny_backbone, data_root):
+    good = plan_matrix(SCALES["smoke"], ("independent",), 1, REPO_CONFIGS, tiny_backbone, str(data_root),
+                       fewshot=False, one_task=(), suite=["rte"])
+    bad = Cell("main", "shared", 0, ("rte",), (*good.cells[0].args, "--model.lora.r", "0"))
+    plan = Plan((bad,), ("rte",), (), {})
+    (tmp_path / quality.PLAN).write_text(json.dumps(plan.to_json()))
+    (tmp_path / quality.META).write_text(json.dumps({"scale": "smoke", "command": "x", "machine": "m", "date": "d",
+                                                     "backbone": "b", "seeds": 1, "isolation": "inline", "jobs": 1,
+                                                     "threads": 1}))
+    rows = quality.run_plan(plan, tmp_path, progress=lambda s: None)
+    assert rows[0]["status"] == "failed" and "lora.r" in rows[0]["error"]
+    doc = quality.report(tmp_path).read_text()
+    assert "| shared | 0/1, 1 failed | failed | failed |" in doc
+    assert "main__shared__suite__seed0 | failed |" in doc
+    line = next(csv.DictReader((tmp_path / "results.csv").open()))
+    assert line["status"] == "failed" and "lora.r" in line["error"]
+
+
+def test_fewshot_cells_use_published_subsets_and_skip_tasks_without_a_dev_set(data_root):
+    why = fewshot_availability(["mnli", "qqp", "qnli", "boolq", "record", "rte"], str(data_root))
+    assert why["qnli"] is None and why["boolq"] is None
+    assert "dev_matched" in why["mnli"] and "ReCoRD" in why["record"] and "no published" in why["rte"]
+    plan = plan_matrix(SCALES["smoke"], select_arms("independent,speclora", REPO_CONFIGS), 2, REPO_CONFIGS, "b",
+                       str(data_root), fewshot_tasks=["mnli", "qnli", "boolq"])
+    assert plan.fewshot_tasks == ("qnli", "boolq") and "fewshot/mnli" in plan.skipped
+    few = [c for c in plan.cells if c.group == "fewshot"]
+    assert [json.loads(c.args[c.args.index("--data.subset") + 1]) for c in few] == [
+        {"qnli": "k-shot-13", "boolq": "fewglue"}] * 2 + [{"qnli": "k-shot-21", "boolq": "fewglue"}] * 2
+    singles = [c for c in plan.cells if c.group == "fewshot_single"]
+    assert [c.tasks for c in singles] == [("qnli",), ("boolq",)] * 2
+    assert all(str(REPO_CONFIGS / "bench" / "smoke_fewshot.yaml") in c.args for c in few + singles)
+
+
+def test_fewshot_datamodule_mixes_lmbff_and_fewglue_and_tests_on_the_official_dev_set(data_root, tiny_backbone,
+                                                                                       tmp_path_factory):
+    from speclora.data.datamodule import MultiTaskDataModule
+
+    dm = MultiTaskDataModule(tasks=["qnli", "boolq"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
+                             subset={"qnli": "k-shot-13", "boolq": "fewglue"},
+                             cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"))
+    dm.setup("fit")
+    assert dm.train_sizes == [32, 32]  # LM-BFF 16 per label x 2; FewGLUE 32
+    assert [len(p) for _, p in dm._parts["validation"]] == [32, 32]  # the subsets' dev files
+    assert [len(p) for _, p in dm._parts["test"]] == [5463, 3270]  # the full official dev sets
+    with pytest.raises(ValueError, match="not in data.tasks"):
+        MultiTaskDataModule(tasks=["qnli"], subset={"boolq": "fewglue"})
+
+
+def test_every_arm_has_a_config_and_selection_is_checked():
+    arms = select_arms("all", REPO_CONFIGS)
+    assert "speclora" in arms and "speclora/no_filtering" in arms and "single" not in arms
+    assert select_arms("methods", REPO_CONFIGS)[-1] == "speclora"
+    with pytest.raises(ValueError, match="unknown arm 'nope'"):
+        select_arms("independent,nope", REPO_CONFIGS)
+
+
+@pytest.mark.slow
+def test_the_whole_smoke_scale_in_separate_processes(tmp_path, data_root, tiny_backbone):
+    """Every method, every ablation, few-shot and the single-task case, each run in its own process."""
+    argv = ["quality", "--scale", "smoke", "--out", str(tmp_path / "smoke"), "--isolation", "process", "--jobs", "2",
+            "--backbone", tiny_backbone, "--data-dir", str(data_root)]
+    assert quality.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "smoke" / "results.csv").open()))
+    assert {r["status"] for r in rows} == {"ok"}, [(r["run_id"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert {r["group"] for r in rows} == {"main", "single", "one_task", "fewshot", "fewshot_single"}
