@@ -81,13 +81,21 @@ class TokenizedSplit:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A short hash that changes when the tokenizer would produce different ids."""
+    """A short hash that changes when the tokenizer would produce different ids (computed once per tokenizer)."""
+    cached = getattr(tokenizer, "_speclora_fingerprint", None)
+    if cached is not None:
+        return cached
     h = hashlib.sha256()
     h.update(type(tokenizer).__name__.encode())
     vocab = tokenizer.get_vocab()
     h.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
     h.update(str(getattr(tokenizer, "do_lower_case", "")).encode())
-    return h.hexdigest()[:16]
+    fingerprint = h.hexdigest()[:16]
+    try:
+        tokenizer._speclora_fingerprint = fingerprint
+    except (AttributeError, TypeError):  # a tokenizer that refuses new attributes: recompute next time
+        pass
+    return fingerprint
 
 
 def cache_key(tokenizer_fp: str, task: str, split: str, max_length: int, source_fp: str) -> str:
