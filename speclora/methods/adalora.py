@@ -330,7 +330,7 @@ class AdaLoRA(Method):
         for t, spec in enumerate(module.specs):
             folder = Path(out_dir) / spec.name
             self.peft_model.save_pretrained(str(folder))
-            _write_head(module, t, folder)
+            module.write_task_head(t, folder)
             written.append(folder)
         return written
 
@@ -390,23 +390,3 @@ class AdaLoRA(Method):
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
 
 
-def _write_head(module: SpecLoRAModule, t: int, folder: Path) -> None:
-    """The task's head and description, as :meth:`SpecLoRAModule.export_peft_adapters` writes them."""
-    from safetensors.torch import save_file
-
-    spec = module.specs[t]
-    head = {k: v.detach().cpu().contiguous() for k, v in module.heads.heads[t].state_dict().items()}
-    save_file(head, str(folder / "head.safetensors"))
-    (folder / "speclora_task.json").write_text(
-        json.dumps(
-            {
-                "task": spec.name,
-                "kind": spec.kind,
-                "num_labels": spec.num_labels,
-                "label_names": list(spec.label_names),
-                "pooling": module.pooling,
-                "method": module.method_name,
-            },
-            indent=2,
-        )
-    )

@@ -493,7 +493,7 @@ class MTLoRA(Method):
             (folder / CONFIG_NAME).write_text(
                 json.dumps({**config, "task": spec.name, "task_index": t, "rank": rank}, indent=2)
             )
-            _write_head(module, t, folder)
+            module.write_task_head(t, folder)
             written.append(folder)
         return written
 
@@ -529,26 +529,6 @@ class MTLoRA(Method):
 def _raw_state(module: SpecLoRAModule) -> dict[str, Tensor]:
     """Every mtLoRA parameter, by its path in the encoder (lora_A, lora_B, routing of each site)."""
     return {n: p for n, p in module.encoder.named_parameters() if ".delta." in n}
-
-
-def _write_head(module: SpecLoRAModule, t: int, folder: Path) -> None:
-    """The task's head and description, as :meth:`SpecLoRAModule.export_peft_adapters` writes them."""
-    spec = module.specs[t]
-    head = {k: v.detach().cpu().contiguous() for k, v in module.heads.heads[t].state_dict().items()}
-    save_file(head, str(folder / "head.safetensors"))
-    (folder / "speclora_task.json").write_text(
-        json.dumps(
-            {
-                "task": spec.name,
-                "kind": spec.kind,
-                "num_labels": spec.num_labels,
-                "label_names": list(spec.label_names),
-                "pooling": module.pooling,
-                "method": module.method_name,
-            },
-            indent=2,
-        )
-    )
 
 
 def apply_block_adapter(encoder: nn.Module, folder: str | Path) -> nn.Module:

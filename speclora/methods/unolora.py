@@ -248,33 +248,13 @@ class UnoLoRAStar(Method):
             (folder / EXPORT_CONFIG).write_text(
                 json.dumps({**config, "task": spec.name, "task_index": t}, indent=2)
             )
-            _write_head(module, t, folder)
+            module.write_task_head(t, folder)
             written.append(folder)
         return written
 
     def load(self, module: SpecLoRAModule, in_dir: Path) -> None:
         """Load what :meth:`export` wrote (see :func:`import_unolora_star`)."""
         import_unolora_star(module, in_dir)
-
-
-def _write_head(module: SpecLoRAModule, t: int, folder: Path) -> None:
-    """The task's head and description, as :meth:`SpecLoRAModule.export_peft_adapters` writes them."""
-    spec = module.specs[t]
-    head = {k: v.detach().cpu().contiguous() for k, v in module.heads.heads[t].state_dict().items()}
-    save_file(head, str(folder / "head.safetensors"))
-    (folder / "speclora_task.json").write_text(
-        json.dumps(
-            {
-                "task": spec.name,
-                "kind": spec.kind,
-                "num_labels": spec.num_labels,
-                "label_names": list(spec.label_names),
-                "pooling": module.pooling,
-                "method": module.method_name,
-            },
-            indent=2,
-        )
-    )
 
 
 def import_unolora_star(module: SpecLoRAModule, in_dir: str | Path) -> None:

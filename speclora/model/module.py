@@ -387,7 +387,6 @@ class SpecLoRAModule(L.LightningModule):
 
     def export_peft_adapters(self, out_dir: str | Path) -> list[Path]:
         """Write each task's adapter as a peft folder (plus its head) under ``out_dir/<task>``."""
-        from safetensors.torch import save_file
 
         from speclora.model.peft_io import export_adapter
 
@@ -401,13 +400,20 @@ class SpecLoRAModule(L.LightningModule):
                 targets=list(self.targets), r=self.lora_cfg.r, alpha=self.lora_cfg.alpha,
                 dropout=self.lora_cfg.dropout,
             )
-            head = {k: v.detach().cpu().contiguous() for k, v in self.heads.heads[t].state_dict().items()}
-            save_file(head, str(folder / "head.safetensors"))
-            (folder / "speclora_task.json").write_text(json.dumps(
-                {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-                 "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method_name}, indent=2))
+            self.write_task_head(t, folder)
             written.append(folder)
         return written
+
+    def write_task_head(self, t: int, folder: Path) -> None:
+        """Task t's head (head.safetensors) and its description (speclora_task.json) into ``folder``."""
+        from safetensors.torch import save_file
+
+        spec = self.specs[t]
+        head = {k: v.detach().cpu().contiguous() for k, v in self.heads.heads[t].state_dict().items()}
+        save_file(head, str(folder / "head.safetensors"))
+        (folder / "speclora_task.json").write_text(json.dumps(
+            {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
+             "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method_name}, indent=2))
 
     def import_adapters(self, in_dir: str | Path) -> None:
         """Load adapters (and heads) written by :meth:`export_adapters` (the method's format)."""
