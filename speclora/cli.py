@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from speclora.checkpoint import BestAndLastCheckpoint
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.module import SpecLoRAModule
 from speclora.submission import SubmissionWriter
@@ -24,6 +25,17 @@ class SpecLoRACLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed")
         parser.add_lightning_class_args(SubmissionWriter, "submission")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # the default callbacks give way where the trainer is told not to use what they need:
+        # --trainer.enable_checkpointing false drops the default checkpoint, --trainer.logger false the
+        # learning-rate monitor (Lightning refuses either combination)
+        defaults = self.trainer_defaults.get("callbacks", [])
+        kept = [cb for cb in defaults
+                if not (isinstance(cb, ModelCheckpoint) and config.get("enable_checkpointing") is False)
+                and not (isinstance(cb, LearningRateMonitor) and config.get("logger") is False)]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": kept}
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def trainer_defaults() -> dict:
     return {
@@ -31,7 +43,8 @@ def trainer_defaults() -> dict:
         "use_distributed_sampler": False,
         "callbacks": [
             LearningRateMonitor(logging_interval="step"),
-            ModelCheckpoint(
+            # the best by val/average, and last.ckpt rewritten at every validation (resume loses nothing)
+            BestAndLastCheckpoint(
                 monitor="val/average", mode="max", save_last=True,
                 filename="step{step}-avg{val/average:.2f}", auto_insert_metric_name=False,
             ),

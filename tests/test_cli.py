@@ -105,3 +105,14 @@ def test_resume_mid_epoch_continues_exactly(tiny_backbone, data_root, tmp_path):
     for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), f"{name} differs after resume"
+
+
+def test_checkpointing_and_logger_can_be_switched_off(tiny_backbone, data_root, tmp_path):
+    # the default checkpoint and learning-rate monitor give way instead of clashing with the trainer flags
+    args = _tiny_args(tiny_backbone, data_root, tmp_path / "runs", tmp_path.parent / "token_cache",
+                      "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                      "--trainer.enable_checkpointing", "false", "--trainer.logger", "false")
+    cli = main(["fit", *args])
+    assert cli.trainer.global_step == 2
+    assert cli.trainer.checkpoint_callback is None
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))

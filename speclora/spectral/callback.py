@@ -48,8 +48,7 @@ from speclora.spectral.filters import (
     band_response,
     coordination_response,
     eigen_lr_response,
-    hypergradient_update,
-    spectral_filter,
+    hypergradient_step,
 )
 from speclora.spectral.graph import (
     EDGE_KINDS,
@@ -174,6 +173,12 @@ class SpectralGraphCallback(L.Callback):
         self.h_learned: list[Tensor | None] = []
         self.theta0: list[Tensor] = []
         self.delta_prev: list[Tensor | None] = []
+        # derived caches (not checkpointed: recomputed from the state): Uᵀ Δ_{t−1} and Uᵀ Θ_0 per class,
+        # each with the eigenvector version it was computed with
+        self._vectors_version: list[int] = []
+        self._c_delta_prev: list[tuple[int, Tensor] | None] = []
+        self._c_theta0: list[tuple[int, Tensor] | None] = []
+        self._work: dict[str, list[Tensor]] = {}
         self.counters = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "solver_failed": 0,
                          "skipped_nonfinite": 0}
         self._pending_state: dict[str, Any] | None = None
@@ -214,6 +219,7 @@ class SpectralGraphCallback(L.Callback):
         self.values, self.vectors = [None] * n_classes, [None] * n_classes
         self.h_learned = [None] * n_classes
         self.delta_prev = [None] * n_classes
+        self._reset_caches()
         self.theta0 = [s.detach().clone() for s in self._signals(param=True)]
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
@@ -223,15 +229,42 @@ class SpectralGraphCallback(L.Callback):
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
 
-    def _signals(self, param: bool = False, grad: bool = False) -> list[Tensor]:
-        """The stacked aligned signals (n_c, p_c) per shape class, of the parameters or their gradients."""
+    def _reset_caches(self) -> None:
+        n_classes = len(self.layout.shape_classes)
+        self._vectors_version = [0] * n_classes
+        self._c_delta_prev = [None] * n_classes
+        self._c_theta0 = [None] * n_classes
+
+    def _projected(self, cache: list, c: int, signal: Tensor) -> Tensor:
+        """Uᵀ signal (k, p) for class c, cached until the class's eigenvectors change."""
+        version = self._vectors_version[c]
+        if cache[c] is None or cache[c][0] != version:
+            cache[c] = (version, self.vectors[c].T @ signal)  # (k, p)
+        return cache[c][1]
+
+    def _buffers(self, name: str) -> list[Tensor] | None:
+        """Per-class (n_c, p_c) float32 work buffers, allocated once: the per-step signals are stacked into
+        them instead of into fresh tensors (on a CPU every fresh multi-MB tensor costs page faults)."""
+        if self.layers[0].lora_A.dtype != torch.float32:
+            return None  # low-precision adapters: stack, then convert (allocates)
+        bufs = self._work.get(name)
+        if bufs is None:
+            device = self.layers[0].lora_A.device
+            bufs = [torch.empty(ids.numel(), d * r, device=device) for (d, r), ids in self.layout.shape_classes]
+            self._work[name] = bufs
+        return bufs
+
+    def _signals(self, param: bool = False, grad: bool = False, buffer: str | None = None) -> list[Tensor]:
+        """The stacked aligned signals (n_c, p_c) per shape class, of the parameters or their gradients,
+        written into the work buffers ``buffer`` when given (valid until the next use of that buffer)."""
+        out = self._buffers(buffer) if buffer is not None else None
         if grad:
             A = [m.lora_A.grad if m.lora_A.grad is not None else torch.zeros_like(m.lora_A) for m in self.layers]
             B = [m.lora_B.grad if m.lora_B.grad is not None else torch.zeros_like(m.lora_B) for m in self.layers]
         else:
             A = [m.lora_A.detach() for m in self.layers]
             B = [m.lora_B.detach() for m in self.layers]
-        return [s.float() for s in stack_signals(self.layout, A, B)]
+        return [s.float() for s in stack_signals(self.layout, A, B, out=out)]
 
     def _write(self, signals: list[Tensor], grad: bool) -> None:
         A, B = unstack_signals(self.layout, signals)
@@ -291,6 +324,7 @@ class SpectralGraphCallback(L.Callback):
                 values = trainer.strategy.broadcast(values, src=0)
                 vectors = trainer.strategy.broadcast(vectors, src=0)
             self.values[c], self.vectors[c] = values, vectors
+            self._vectors_version[c] += 1
             if self.learned and self.h_learned[c] is None:
                 self.h_learned[c] = torch.ones_like(values)
         self.counters["refreshes"] += 1
@@ -324,7 +358,7 @@ class SpectralGraphCallback(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         start = time.perf_counter()
-        G = self._signals(grad=True)  # [(n_c, p_c)]
+        G = self._signals(grad=True, buffer="grad")  # [(n_c, p_c)]
         if not self.corr.update(G):
             if self.corr.num_skipped_nonfinite > self.counters["skipped_nonfinite"]:
                 self.counters["skipped_nonfinite"] = self.corr.num_skipped_nonfinite
@@ -337,56 +371,70 @@ class SpectralGraphCallback(L.Callback):
             if not self.refresh(trainer) and any(v is None for v in self.vectors):
                 self._theta_before = None
                 return
-        filtered, reg_value = [], 0.0
-        theta = self._signals(param=True) if self.regularizer != "none" else None
+        snapshot = self.eigen_lr or self.learned
+        theta = self._signals(param=True, buffer="theta") if (self.regularizer != "none" or snapshot) else None
+        filtered, reg_values = [], []
         for c, g in enumerate(G):
-            U = self.vectors[c]
+            U = self.vectors[c]  # (n_c, k)
+            cg = U.T @ g  # (k, p_c): Uᵀ G, shared by the hypergradient and the filter
             if self.learned and self.delta_prev[c] is not None:
                 # ∂L(θ_t)/∂h_i = ⟨U_iᵀ G_t, U_iᵀ Δ_{t−1}⟩
-                self.h_learned[c] = hypergradient_update(self.h_learned[c], U, g, self.delta_prev[c],
-                                                         self.hyper_lr, self.hyper_clip)
+                cd = self._projected(self._c_delta_prev, c, self.delta_prev[c])  # (k, p_c)
+                self.h_learned[c] = hypergradient_step(self.h_learned[c], cg, cd, self.hyper_lr, self.hyper_clip)
             h, rest = self.gradient_response(c)
-            # G' = U diag(h) Uᵀ G + h_rest (G − U Uᵀ G)
-            g2 = spectral_filter(g, U, h, rest) if (self.coordination or self.band_filter) else g
-            if theta is not None and self.gamma > 0:
-                delta = theta[c] - self.theta0[c]  # (n_c, p_c)
-                g2, value = self._add_regularizer(c, g2, delta)
-                reg_value += value
-            filtered.append(g2)
+            if not (self.coordination or self.band_filter):
+                h, rest = torch.ones_like(h), 1.0
+            # G' = U diag(h) Uᵀ G + h_rest (G − U Uᵀ G) = h_rest G + U diag(h − h_rest) Uᵀ G
+            low = (h - rest).unsqueeze(1) * cg  # (k, p_c)
+            # g is this step's own stacked copy: updated in place from here on
+            g2 = g if rest == 1.0 else g.mul_(rest)  # (n_c, p_c)
+            if self.regularizer == "highpass" and self.gamma > 0:
+                # R = γ‖(I − U Uᵀ) ΔΘ‖² = γ(‖ΔΘ‖² − ‖Uᵀ ΔΘ‖²),  ∇R = 2γ ΔΘ − 2γ U Uᵀ ΔΘ
+                delta = torch.sub(theta[c], self.theta0[c], out=self._buffers("delta")[c]) if (
+                    self._buffers("delta") is not None) else theta[c] - self.theta0[c]  # (n_c, p_c)
+                c_delta = U.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c): Uᵀ ΔΘ
+                g2 = g2.add_(delta, alpha=2 * self.gamma)
+                low = low.sub_(c_delta, alpha=2 * self.gamma)
+                energy = torch.linalg.vector_norm(delta).square() - c_delta.square().sum()
+                reg_values.append(self.gamma * energy.clamp_min(0))
+            elif self.regularizer == "dirichlet" and self.gamma > 0:
+                g2, value = self._dirichlet(c, g2, theta[c] - self.theta0[c])
+                reg_values.append(value)
+            filtered.append(g2.addmm_(U, low))  # (n_c, p_c): + U diag(h − h_rest) Uᵀ G − 2γ U Uᵀ ΔΘ
         self._write(filtered, grad=True)
-        if theta is not None:
-            pl_module.log("train/spectral/reg", reg_value, batch_size=1)
-        if self.eigen_lr or self.learned:
-            self._theta_before = self._signals(param=True)
+        if reg_values:
+            pl_module.log("train/spectral/reg", torch.stack(reg_values).sum(), batch_size=1)
+        if snapshot:
+            self._theta_before = theta  # the parameters are unchanged since: only the gradients were written
             self._step_of_snapshot = step
         if step % self.log_every == 0:
             self._log(trainer, pl_module, G)
         self._time_spent += time.perf_counter() - start
 
-    def _add_regularizer(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, float]:
-        U = self.vectors[c]
-        if self.regularizer == "highpass":
-            # R = γ‖(I − U Uᵀ) ΔΘ‖²,  ∇R = 2γ (I − U Uᵀ) ΔΘ
-            high = delta - U @ (U.T @ delta)  # (n_c, p_c)
-            return g + 2 * self.gamma * high, float(self.gamma * high.pow(2).sum())
+    def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ
         ei, ew = self._class_edges(c)
         lap = laplacian(ei, ew, delta.size(0), self.normalization)  # (n_c, n_c) sparse
         ld = torch.sparse.mm(lap, delta)  # (n_c, p_c)
-        return g + 2 * self.gamma * ld, float(self.gamma * (delta * ld).sum())
+        return g.add_(ld, alpha=2 * self.gamma), self.gamma * (delta * ld).sum()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
         before = self._theta_before
         if before is not None and trainer.global_step == self._step_of_snapshot + 1:
-            after = self._signals(param=True)
+            after = self._signals(param=True, buffer="after")
             out = []
             for c, (b, a) in enumerate(zip(before, after)):
-                delta = a - b  # (n_c, p_c): the optimizer's update
+                # Δ (n_c, p_c): the optimizer's update, into last step's Δ tensor when there is one
+                prev = self.delta_prev[c]
+                delta = torch.sub(a, b, out=prev) if prev is not None and prev.shape == a.shape else a - b
                 self.delta_prev[c] = delta
+                U = self.vectors[c]
+                c_delta = U.T @ delta  # (k, p_c)
+                self._c_delta_prev[c] = (self._vectors_version[c], c_delta)
                 h = self.update_response(c)
-                # Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ)
-                out.append(b + spectral_filter(delta, self.vectors[c], h, 1.0) if h is not None else a)
+                # Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ) = Θ_after + U diag(h_u − 1) Uᵀ Δ
+                out.append(a.addmm_(U, (h - 1).unsqueeze(1) * c_delta) if h is not None else a)
             self._write(out, grad=False)
             self._theta_before = None
         now = time.perf_counter()
@@ -442,7 +490,7 @@ class SpectralGraphCallback(L.Callback):
             "vectors": self.vectors,
             "h_learned": self.h_learned,
             "theta0": self.theta0,
-            "delta_prev": self.delta_prev,
+            "delta_prev": [d.clone() if d is not None else None for d in self.delta_prev],  # reused in place
             "counters": dict(self.counters),
             "num_nodes": self.layout.num_nodes,
         }
@@ -469,3 +517,4 @@ class SpectralGraphCallback(L.Callback):
         self.h_learned, self.delta_prev = move(state["h_learned"]), move(state["delta_prev"])
         self.theta0 = move(state["theta0"])
         self.counters.update(state["counters"])
+        self._reset_caches()

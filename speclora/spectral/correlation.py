@@ -12,6 +12,8 @@ and ``fixed_weights``.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -19,12 +21,17 @@ from torch import Tensor
 
 from speclora.spectral.graph import EDGE_KINDS, KIND_A, KIND_B, GraphLayout
 
+log = logging.getLogger(__name__)
 
-def stack_signals(layout: GraphLayout, A: Sequence[Tensor], B: Sequence[Tensor]) -> list[Tensor]:
+
+def stack_signals(
+    layout: GraphLayout, A: Sequence[Tensor], B: Sequence[Tensor], out: Sequence[Tensor] | None = None
+) -> list[Tensor]:
     """Stack per-slot LoRA tensors (parameters, gradients or updates) into aligned node signals.
 
     Args:
         A: per slot, (T, r, d_in); B: per slot, (T, d_out, r) (``layout.slots`` order).
+        out: optional per-class buffers (n_c, p_c) to write into (no new allocation; not differentiable).
     Returns:
         per shape class (``layout.shape_classes`` order), (n_c, p_c) with row i the signal of the class's
         i-th node: vec(Aᵀ) (d_in·r numbers) for A nodes, vec(B) (d_out·r) for B nodes. Differentiable.
@@ -33,6 +40,7 @@ def stack_signals(layout: GraphLayout, A: Sequence[Tensor], B: Sequence[Tensor])
         raise ValueError(f"expected {layout.num_slots} A and B tensors (one per slot), got {len(A)} and {len(B)}")
     T = layout.num_tasks
     blocks: list[list[Tensor]] = [[] for _ in layout.shape_classes]
+    places = _slot_places(layout)
     # node order is (slot, kind, task): per slot, the T rows of A then the T rows of B
     for s, (a, b) in enumerate(zip(A, B)):
         _, _, d_in, d_out, r = layout.slots[s]
@@ -41,11 +49,31 @@ def stack_signals(layout: GraphLayout, A: Sequence[Tensor], B: Sequence[Tensor])
                 f"slot {s} {layout.slots[s]}: expected A (T={T}, r={r}, d_in={d_in}) and B ({T}, {d_out}, {r}), "
                 f"got {tuple(a.shape)} and {tuple(b.shape)}"
             )
+        (ca, ra), (cb, rb) = places[s]
+        if out is not None:
+            # one strided copy per block straight into the buffer: Aᵀ (T, d_in, r) rows, B (T, d_out, r) rows
+            out[ca][ra : ra + T].view(T, d_in, r).copy_(a.transpose(1, 2))
+            out[cb][rb : rb + T].view(T, d_out, r).copy_(b)
+            continue
         # Aᵀ: (T, r, d_in) → (T, d_in, r) → (T, d_in·r)
-        blocks[int(layout.node_class[layout.node_id(0, s, KIND_A)])].append(a.transpose(1, 2).reshape(T, -1))
+        blocks[ca].append(a.transpose(1, 2).reshape(T, -1))
         # B: (T, d_out, r) → (T, d_out·r)
-        blocks[int(layout.node_class[layout.node_id(0, s, KIND_B)])].append(b.reshape(T, -1))
+        blocks[cb].append(b.reshape(T, -1))
+    if out is not None:
+        return list(out)  # [(n_c, p_c)]
     return [torch.cat(bl) for bl in blocks]  # [(n_c, p_c)]
+
+
+def _slot_places(layout: GraphLayout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per slot, (class, first row) of its A block and of its B block; computed once per layout."""
+    places = getattr(layout, "_slot_places", None)
+    if places is None:
+        places = []
+        for s in range(layout.num_slots):
+            ids = [layout.node_id(0, s, kind) for kind in (KIND_A, KIND_B)]
+            places.append(tuple((int(layout.node_class[i]), int(layout.node_class_row[i])) for i in ids))
+        layout._slot_places = places
+    return places
 
 
 def unstack_signals(layout: GraphLayout, signals: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -55,10 +83,10 @@ def unstack_signals(layout: GraphLayout, signals: Sequence[Tensor]) -> tuple[lis
     T = layout.num_tasks
     A: list[Tensor] = []
     B: list[Tensor] = []
+    places = _slot_places(layout)
     for s, (_, _, d_in, d_out, r) in enumerate(layout.slots):
         for kind, out in ((KIND_A, A), (KIND_B, B)):
-            first = layout.node_id(0, s, kind)
-            c, row = int(layout.node_class[first]), int(layout.node_class_row[first])
+            c, row = places[s][kind]
             block = signals[c][row : row + T]  # (T, p)
             if kind == KIND_A:
                 out.append(block.reshape(T, d_in, r).transpose(1, 2))  # (T, r, d_in)
@@ -72,8 +100,11 @@ class EdgeCorrelation:
 
     State lives on the undirected pairs (i < j) of ``edge_index``; ``rho()`` returns one value per directed
     edge of ``edge_index`` (both directions equal). Each ``update`` is a few tensor ops per shape class: the
-    per-node ‖g_i‖² and the row-wise dot products gathered along the edge list (in chunks of at most
-    ``chunk_size`` gathered numbers, to bound memory), no Python loop over nodes or edges.
+    per-node ‖g_i‖² and the dot products on the pairs as one sampled dense-dense product (SDDMM,
+    ``torch.sparse.sampled_addmm``: (G Gᵀ) evaluated only on the sparsity pattern of the pairs, no (P, p)
+    gathered copies), no Python loop over nodes or edges. Where the SDDMM kernel is missing (a device or
+    dtype without it) the dots are gathered along the pair list in chunks of at most ``chunk_size``
+    numbers instead, logged once.
 
     Args:
         edge_index: (2, E), both directions present, no edge across shape classes.
@@ -131,14 +162,41 @@ class EdgeCorrelation:
             self.class_nodes.append(ids.to(edge_index.device))
             self.class_pairs.append(pairs.to(edge_index.device))
             self.class_pair_rows.append(row[pi[:, pairs]].to(edge_index.device))  # (2, P_c)
+        # per class: the pairs as a CSR pattern (n_c, n_c) for the SDDMM, and the CSR order of the pairs
+        self.class_pattern: list[Tensor | None] = []
+        self.class_pattern_order: list[Tensor] = []
+        for c, rows in enumerate(self.class_pair_rows):
+            n_c = self.class_nodes[c].numel()
+            order = torch.argsort(rows[0] * n_c + rows[1])  # (P_c,): CSR (row-major) order of the pairs
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, used on purpose
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_coo_tensor(rows[:, order], torch.zeros(order.numel(), device=rows.device),
+                                                  (n_c, n_c)).to_sparse_csr()
+            self.class_pattern.append(pattern)
+            self.class_pattern_order.append(order)
+        self.use_sddmm = True
         self.pair_ema = torch.zeros(self.pair_index.size(1), device=edge_index.device)  # S: (P,)
         self.norm_ema = torch.zeros(num_nodes, device=edge_index.device)  # Q: (n,)
         self.num_updates = 0
         self.num_skipped_nonfinite = 0
         self.num_skipped_zero = 0
 
-    def _dots(self, G: Tensor, rows: Tensor) -> Tensor:
-        """⟨g_i, g_j⟩ for the pairs ``rows`` (2, P_c) of G (n_c, p), chunked over pairs."""
+    def _dots(self, G: Tensor, c: int) -> Tensor:
+        """⟨g_i, g_j⟩ for the pairs of class c, G (n_c, p) → (P_c,), in ``class_pair_rows[c]`` order."""
+        if self.use_sddmm:
+            try:
+                # (G Gᵀ)_ij on the pattern only; values come in CSR order
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    sampled = torch.sparse.sampled_addmm(self.class_pattern[c], G, G.mT, beta=0.0)  # (n_c, n_c)
+                out = torch.empty_like(sampled.values())  # (P_c,)
+                out[self.class_pattern_order[c]] = sampled.values()
+                return out
+            except (RuntimeError, NotImplementedError) as err:
+                self.use_sddmm = False
+                log.warning("EdgeCorrelation: no sampled_addmm for %s on %s (%s); gathering the pair dots "
+                            "in chunks instead (slower)", G.dtype, G.device, err)
+        rows = self.class_pair_rows[c]  # (2, P_c)
         per = max(1, self.chunk_size // max(G.size(1), 1))
         # ⟨g_i, g_j⟩ = Σ_p G[i, p] G[j, p]
         parts = [(G[r[0]] * G[r[1]]).sum(-1) for r in rows.split(per, dim=1)]  # [(≤per,)]
@@ -161,10 +219,10 @@ class EdgeCorrelation:
             if G.size(0) != self.class_nodes[c].numel():
                 raise ValueError(f"class {c}: expected {self.class_nodes[c].numel()} rows, got {G.size(0)}")
             G = G.detach().float()  # (n_c, p)
-            # ‖g_i‖²
-            q_new[self.class_nodes[c]] = G.pow(2).sum(-1)  # (n_c,)
+            # ‖g_i‖² (a reduction: no (n_c, p) temporary)
+            q_new[self.class_nodes[c]] = torch.linalg.vector_norm(G, dim=-1).square()  # (n_c,)
             # ⟨g_i, g_j⟩ on the pairs of class c
-            s_new[self.class_pairs[c]] = self._dots(G, self.class_pair_rows[c])  # (P_c,)
+            s_new[self.class_pairs[c]] = self._dots(G, c)  # (P_c,)
         # a non-finite entry of G makes its ‖g_i‖² non-finite; a finite ‖g‖ bounds the dots (Cauchy–Schwarz)
         if not bool(torch.isfinite(q_new).all() & torch.isfinite(s_new).all()):
             self.num_skipped_nonfinite += 1

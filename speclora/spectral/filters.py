@@ -154,19 +154,37 @@ def hypergradient_update(
     """
     _check(G_t, U)
     _check(Delta_prev, U)
+    # U_iᵀ G_t and U_iᵀ Δ_{t−1}, for all i at once
+    cg = U.T @ G_t.to(U.dtype)  # (k, p)
+    cd = U.T @ Delta_prev.to(U.dtype)  # (k, p)
+    return hypergradient_step(h, cg, cd, lr, clip, normalize, eps)
+
+
+def hypergradient_step(
+    h: Tensor,
+    cg: Tensor,
+    cd: Tensor,
+    lr: float,
+    clip: tuple[float, float] = (0.01, 2.0),
+    normalize: bool = True,
+    eps: float = 1e-12,
+) -> Tensor:
+    """``hypergradient_update`` from the projections cg = Uᵀ G_t and cd = Uᵀ Δ_{t−1}, both (k, p) → h (k,).
+
+    For callers that already hold Uᵀ G_t (the gradient filter needs it too): saves two (n, k, p) products.
+    """
+    if cg.shape != cd.shape or cg.dim() != 2 or cg.size(0) != h.numel():
+        raise ValueError(f"cg and cd must both be (k={h.numel()}, p), got {tuple(cg.shape)} and {tuple(cd.shape)}")
     if lr < 0:
         raise ValueError(f"lr (hypergradient step) must be >= 0, got {lr}")
     if not 0 < clip[0] <= clip[1]:
         raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {clip}")
-    # U_iᵀ G_t and U_iᵀ Δ_{t−1}, for all i at once
-    cg = U.T @ G_t.to(U.dtype)  # (k, p)
-    cd = U.T @ Delta_prev.to(U.dtype)  # (k, p)
     # ∂L/∂h_i = ⟨U_iᵀG_t, U_iᵀΔ_{t−1}⟩
     grad = (cg * cd).sum(-1)  # (k,)
     if normalize:
         grad = grad / (cg.norm(dim=-1) * cd.norm(dim=-1) + eps)  # (k,)
     # h ← clip(h · exp(−lr ∂L/∂h))
-    return (h.to(U.dtype) * torch.exp(-lr * grad)).clamp(clip[0], clip[1])  # (k,)
+    return (h.to(cg.dtype) * torch.exp(-lr * grad)).clamp(clip[0], clip[1])  # (k,)
 
 
 def band_energy(G: Tensor, U: Tensor, values: Tensor, edges: Sequence[float] | None = TABLE2_EDGES) -> Tensor:

@@ -62,13 +62,26 @@ def test_ema_correlation_equals_direct_computation():
     assert corr.num_updates == 4
 
 
-def test_chunked_dots_agree():
-    ei, _ = path(5)
-    a, b = EdgeCorrelation(ei, 5, 0.9), EdgeCorrelation(ei, 5, 0.9, chunk_size=1)
-    G = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
-    a.update(G)
-    b.update(G)
-    assert torch.allclose(a.rho(), b.rho())
+def test_sddmm_and_chunked_gathered_dots_agree():
+    # two shape classes (nodes 0-5 and 6-11), random pairs within each, in no particular order
+    g = torch.Generator().manual_seed(1)
+    node_class = torch.tensor([0] * 6 + [1] * 6)
+    pairs = {(i, j) for i, j in torch.randint(0, 6, (2, 40), generator=g).T.tolist() if i != j}
+    pairs |= {(i + 6, j + 6) for i, j in torch.randint(0, 6, (2, 40), generator=g).T.tolist() if i != j}
+    pairs = sorted({(min(i, j), max(i, j)) for i, j in pairs}, key=lambda e: (e[1] * 7 + e[0]) % 11)
+    ei = torch.tensor(pairs).T
+    ei = torch.cat([ei, ei.flip(0)], dim=1)
+    sddmm = EdgeCorrelation(ei, 12, 0.9, node_class=node_class)
+    gathered = EdgeCorrelation(ei, 12, 0.9, node_class=node_class, chunk_size=1)
+    gathered.use_sddmm = False
+    G = [torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)]
+    sddmm.update(G)
+    gathered.update(G)
+    assert torch.allclose(sddmm.pair_ema, gathered.pair_ema, atol=1e-6)
+    # and both equal the direct dot products
+    rows = torch.cat(G)
+    direct = 0.1 * (rows[sddmm.pair_index[0]] * rows[sddmm.pair_index[1]]).sum(-1)
+    assert torch.allclose(sddmm.pair_ema, direct, atol=1e-6)
 
 
 def test_nonfinite_and_zero_gradients_are_skipped_and_counted():
