@@ -9,24 +9,15 @@ import torch
 from lightning.pytorch import Callback
 
 from speclora.cli import main
+from tests.cli_args import fit_args
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def _tiny_args(tiny_backbone, data_root, root, cache, *extra):
-    return [
-        "--config", str(REPO / "configs" / "default.yaml"),
-        "--config", str(REPO / "configs" / "suites" / "small.yaml"),
-        "--model.backbone", tiny_backbone,
-        "--data.data_dir", str(data_root),
-        "--data.cache_dir", str(cache),
-        "--data.max_length", "48",
-        "--data.batch_size", "8",
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        *extra,
-    ]
+    # the small suite, uncapped; steps and validation as ``extra`` says
+    return [*fit_args(tiny_backbone, data_root, cache, root, "suites/small.yaml", steps=None, caps=None), *extra]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))

@@ -1,7 +1,7 @@
-"""Data-parallel scaling of `speclora fit`: training throughput of 1 vs W processes (DDP, gloo on CPU).
+"""Data-parallel scaling of `speclora fit`: training throughput of 1 vs W processes (DDP: gloo on CPU, NCCL on GPU).
 
     python -m speclora.bench.scaling [--backbone default] [--batch-size 16] [--steps 12] [--warmup 3]
-                                     [--world-sizes 1 2] [--threads 1] [--rounds 1]
+                                     [--world-sizes 1 2] [--threads 1] [--rounds 1] [--accelerator cpu|gpu]
 
 Each configuration is a real ``speclora fit`` subprocess (``--trainer.strategy ddp --trainer.devices W`` for
 W > 1, Lightning's own launcher) on the default suite and ``configs/default.yaml``, validation, checkpoints and
@@ -75,7 +75,7 @@ def _run(args, world: int, threads: int, out: Path) -> dict:
            "--model.backbone", args.backbone, "--data.batch_size", str(args.batch_size),
            "--trainer.max_steps", str(args.steps), "--trainer.limit_val_batches", "0",
            "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-           "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu",
+           "--trainer.enable_model_summary", "false", "--trainer.accelerator", args.accelerator,
            "--trainer.devices", str(world), "--trainer.default_root_dir", str(out.parent),
            "--trainer.callbacks+=speclora.bench.scaling.StepTimer", f"--trainer.callbacks.out={out}"]
     if args.data_dir:
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one-process-threads", type=int, default=None,
                         help="also time one process with this many threads")
     parser.add_argument("--rounds", type=int, default=1, help="round-robin repetitions (median reported)")
+    parser.add_argument("--accelerator", default="cpu", choices=["cpu", "gpu"],
+                        help="cpu: gloo, W processes on the CPU; gpu: NCCL, one GPU per process")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per run")
     args = parser.parse_args(argv)
     for key in ("batch_size", "steps", "threads", "rounds"):

@@ -371,6 +371,9 @@ class SpectralGraphCallback(L.Callback):
             if not self.refresh(trainer) and any(v is None for v in self.vectors):
                 self._theta_before = None
                 return
+        # Table 2's energy by band is of the raw gradients: taken before they are filtered in place below
+        energies = ([band_energy(g, U, v) for g, U, v in zip(G, self.vectors, self.values)]
+                    if step % self.log_every == 0 else None)
         snapshot = self.eigen_lr or self.learned
         theta = self._signals(param=True, buffer="theta") if (self.regularizer != "none" or snapshot) else None
         filtered, reg_values = [], []
@@ -407,8 +410,8 @@ class SpectralGraphCallback(L.Callback):
         if snapshot:
             self._theta_before = theta  # the parameters are unchanged since: only the gradients were written
             self._step_of_snapshot = step
-        if step % self.log_every == 0:
-            self._log(trainer, pl_module, G)
+        if energies is not None:
+            self._log(trainer, pl_module, energies)
         self._time_spent += time.perf_counter() - start
 
     def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -444,14 +447,14 @@ class SpectralGraphCallback(L.Callback):
             pl_module.log("train/spectral/time_share", self._time_spent / self._time_total, batch_size=1)
 
     # ------------------------------------------------------------------ logging
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, G: list[Tensor]) -> None:
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, energies: list[Tensor]) -> None:
+        """energies: per class, ``band_energy`` of this step's raw gradients (B + 1,)."""
         step = trainer.global_step
         for key, value in self.counters.items():
             pl_module.log(f"train/spectral/{key}", float(value), batch_size=1)
         experiment = getattr(trainer.logger, "experiment", None)
-        for c, g in enumerate(G):
-            values, U = self.values[c], self.vectors[c]
-            energy = band_energy(g, U, values)  # (B + 1,)
+        for c, energy in enumerate(energies):
+            values = self.values[c]
             share = energy / energy.sum().clamp_min(1e-30)
             for b, e in enumerate(share.tolist()):
                 name = f"band{b}" if b < share.numel() - 1 else "beyond_k"

@@ -7,8 +7,7 @@ from pathlib import Path
 from lightning.pytorch import Callback
 
 from speclora.model.module import SpecLoRAModule
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.cli_args import fit_args
 
 
 class _Snapshot(Callback):
@@ -23,27 +22,8 @@ def _fit(tiny_backbone, data_root, root: Path, cache: Path, *configs: str, extra
     snapshot = _Snapshot()
     defaults = trainer_defaults()
     defaults["callbacks"].append(snapshot)
-    args = [arg for c in configs for arg in ("--config", str(REPO / "configs" / c))] + [
-        "--model.backbone",
-        tiny_backbone,
-        "--data.data_dir",
-        str(data_root),
-        "--data.cache_dir",
-        str(cache),
-        "--data.max_length",
-        "48",
-        "--data.batch_size",
-        "8",
-        "--trainer.max_steps",
-        "2",
-        "--trainer.val_check_interval",
-        "2",
-        "--trainer.default_root_dir",
-        str(root),
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
+    # configs/default.yaml, then ``configs``; caps only through ``extra``
+    args = [*fit_args(tiny_backbone, data_root, cache, root, *configs, caps=None), *extra]
     cli = SpecLoRACLI(SpecLoRAModule, MultiTaskDataModule, run=False, trainer_defaults=defaults, args=args)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, snapshot

@@ -15,6 +15,7 @@ from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods.adalora import AdaLoRA, orthogonal_penalty, resolve_steps
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
+from tests.cli_args import fit_args
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["rte", "stsb", "copa"]
@@ -207,37 +208,8 @@ def test_export_is_peft_format_and_loads_back(tiny_backbone, tmp_path):
 def test_adalora_runs_from_the_cli_on_the_default_suite(tiny_backbone, data_root, tmp_path):
     from speclora.cli import main
 
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "default.yaml"),
-            "--config",
-            str(REPO / "configs" / "methods" / "adalora.yaml"),
-            "--model.backbone",
-            tiny_backbone,
-            "--data.data_dir",
-            str(data_root),
-            "--data.cache_dir",
-            str(tmp_path.parent / "token_cache"),
-            "--data.max_length",
-            "32",
-            "--data.batch_size",
-            "16",
-            "--data.max_train_per_task",
-            "32",
-            "--data.max_eval_per_task",
-            "8",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "runs"),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    cli = main(["fit", *fit_args(tiny_backbone, data_root, tmp_path.parent / "token_cache", tmp_path / "runs",
+                                 "methods/adalora.yaml", max_length=32, batch_size=16)])
     assert isinstance(cli.model.method, AdaLoRA) and len(cli.model.specs) == 10
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/adalora_orth", "train/adalora_rank", "val/average", "val/rte/accuracy"):

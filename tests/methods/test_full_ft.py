@@ -12,6 +12,7 @@ from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import FullFT, Independent
 from speclora.model.lora import lora_modules
 from speclora.model.module import LoRAConfig, SpecLoRAModule
+from tests.cli_args import fit_args
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["rte", "stsb", "copa"]
@@ -122,19 +123,8 @@ def test_export_and_load_round_trip(tiny_backbone, datamodule, tmp_path):
 def test_full_ft_runs_from_the_cli(config, suite, num_tasks, tiny_backbone, data_root, cache, tmp_path):
     from speclora.cli import main
 
-    layers = ["--config", str(REPO / "configs" / "default.yaml"), "--config", str(REPO / "configs" / "methods" / config)]
-    if suite:
-        layers += ["--config", str(REPO / "configs" / "suites" / suite)]
-    cli = main([
-        "fit", *layers,
-        "--model.backbone", tiny_backbone,
-        "--data.data_dir", str(data_root),
-        "--data.cache_dir", str(cache),
-        "--data.max_length", "48", "--data.batch_size", "8",
-        "--data.max_train_per_task", "32", "--data.max_eval_per_task", "8",
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-    ])
+    suites = [f"suites/{suite}"] if suite else []
+    cli = main(["fit", *fit_args(tiny_backbone, data_root, cache, tmp_path / "runs", f"methods/{config}", *suites)])
     assert isinstance(cli.model.method, FullFT) and len(cli.model.specs) == num_tasks
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics

@@ -24,6 +24,7 @@ from speclora.methods.mtlora import (
 )
 from speclora.model.lora import AdapterRouter
 from speclora.model.module import LoRAConfig, SpecLoRAModule
+from tests.cli_args import fit_args
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["rte", "stsb", "copa"]
@@ -337,37 +338,8 @@ def test_component_level_export_is_peft_format(tiny_backbone, tmp_path):
 def test_mtlora_runs_from_the_cli_on_the_default_suite(tiny_backbone, data_root, tmp_path):
     from speclora.cli import main
 
-    cli = main(
-        [
-            "fit",
-            "--config",
-            str(REPO / "configs" / "default.yaml"),
-            "--config",
-            str(REPO / "configs" / "methods" / "mtlora.yaml"),
-            "--model.backbone",
-            tiny_backbone,
-            "--data.data_dir",
-            str(data_root),
-            "--data.cache_dir",
-            str(tmp_path.parent / "token_cache"),
-            "--data.max_length",
-            "32",
-            "--data.batch_size",
-            "16",
-            "--data.max_train_per_task",
-            "32",
-            "--data.max_eval_per_task",
-            "8",
-            "--trainer.max_steps",
-            "2",
-            "--trainer.val_check_interval",
-            "2",
-            "--trainer.default_root_dir",
-            str(tmp_path / "runs"),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    cli = main(["fit", *fit_args(tiny_backbone, data_root, tmp_path.parent / "token_cache", tmp_path / "runs",
+                                 "methods/mtlora.yaml", max_length=32, batch_size=16)])
     assert isinstance(cli.model.method, MTLoRA) and len(cli.model.specs) == 10
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/mtlora_spectral", "val/average", "val/rte/accuracy"):

@@ -20,6 +20,7 @@ from speclora.methods.ortho import (
 from speclora.metrics import conflict_rate
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
+from tests.cli_args import fit_args
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["rte", "stsb", "copa"]
@@ -219,20 +220,9 @@ def test_export_writes_one_shared_adapter_per_task(tiny_backbone, tmp_path):
 def test_ortho_runs_from_the_cli(suite, num_tasks, tiny_backbone, data_root, cache, tmp_path):
     from speclora.cli import main
 
-    layers = ["--config", str(REPO / "configs" / "default.yaml"),
-              "--config", str(REPO / "configs" / "methods" / "ortho.yaml")]
-    if suite:
-        layers += ["--config", str(REPO / "configs" / "suites" / suite)]
-    cli = main([
-        "fit", *layers,
-        "--model.backbone", tiny_backbone,
-        "--data.data_dir", str(data_root),
-        "--data.cache_dir", str(cache),
-        "--data.max_length", "48", "--data.batch_size", "16",
-        "--data.max_train_per_task", "32", "--data.max_eval_per_task", "8",
-        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
-        "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
-    ])
+    suites = [f"suites/{suite}"] if suite else []
+    cli = main(["fit", *fit_args(tiny_backbone, data_root, cache, tmp_path / "runs", "methods/ortho.yaml", *suites,
+                                 batch_size=16)])
     assert isinstance(cli.model.method, Ortho) and len(cli.model.specs) == num_tasks
     assert cli.model.method.blocks == "ab" and cli.model.method.order == "random"
     metrics = cli.trainer.callback_metrics

@@ -224,7 +224,6 @@ def test_two_steps_through_the_cli(tiny_backbone, data_root, tmp_path):
         data_root,
         tmp_path / "runs",
         tmp_path.parent / "token_cache",
-        "default.yaml",
         "suites/small.yaml",
         "methods/unolora_star.yaml",
     )
@@ -239,7 +238,6 @@ def test_two_steps_on_the_default_suite(tiny_backbone, data_root, tmp_path, tmp_
         data_root,
         tmp_path / "runs",
         cache,
-        "default.yaml",
         "methods/unolora_star.yaml",
         extra=("--data.max_train_per_task", "64", "--data.max_eval_per_task", "16"),
     )

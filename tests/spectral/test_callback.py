@@ -73,6 +73,22 @@ def test_gradient_coordination_is_exactly_the_projection(tiny_backbone, datamodu
         assert torch.allclose(U @ (U.T @ G2), G2, atol=1e-5)
 
 
+def test_logged_band_energy_is_of_the_raw_gradient(tiny_backbone, datamodule):
+    from speclora.spectral.filters import band_energy
+
+    module = _module(tiny_backbone)
+    spectral = SpectralGraphCallback(k=6, epsilon=0.0, log_every=1, heatmap_every=0)  # filters strongly
+    before = Snapshot()
+    trainer = _fit(module, datamodule, [before, spectral])
+    (G,), U, values = before.grads, spectral.vectors[0], spectral.values[0]
+    energy = band_energy(G, U, values)
+    want = energy / energy.sum()
+    names = [f"band{b}" for b in range(want.numel() - 1)] + ["beyond_k"]
+    got = torch.tensor([float(trainer.callback_metrics[f"train/spectral/class0/energy_{n}"]) for n in names])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert float(want[-1]) > 1e-3  # the raw gradient has energy beyond span(U), which ε = 0 filtering removes
+
+
 def test_all_coefficients_one_is_the_identity(tiny_backbone, datamodule):
     module = _module(tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=True, band_coefficients=[1.0],
