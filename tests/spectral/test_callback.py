@@ -247,3 +247,13 @@ def test_a_failed_first_solve_is_a_counted_recovery(tiny_backbone, datamodule, m
     assert spectral.counters["solver_failed"] == 1
     assert spectral.vectors[0] is not None  # the second step solved again and went on
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_low_precision_adapters_take_the_allocating_path(tiny_backbone, datamodule):
+    # bf16 adapters cannot be stacked into the float32 work buffers: the callback stacks, converts, writes back
+    module = _module(tiny_backbone)
+    spectral = SpectralGraphCallback(k=6, log_every=1, heatmap_every=0)
+    _fit(module, datamodule, [spectral], steps=2, precision="bf16-true")
+    assert spectral.layers[0].lora_A.dtype == torch.bfloat16 and not spectral._work
+    assert spectral.counters["refreshes"] >= 1 and spectral.delta_prev[0] is not None
+    assert all(torch.isfinite(p.float()).all() for p in module.parameters())
