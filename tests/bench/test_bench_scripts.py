@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end on the tiny encoder and print the ratios they promise."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from speclora.bench import eigensolver, methods, spectral_overhead
+
+
+@pytest.fixture
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECLORA_CACHE", str(tmp_path.parent / "token_cache"))  # shared with the other tests
+
+
+def _value(text: str, label: str) -> float:
+    match = re.search(rf"{re.escape(label)}\s*:\s*([0-9.]+)", text)
+    assert match, f"{label!r} not printed in:\n{text}"
+    return float(match.group(1))
+
+
+def test_spectral_overhead_prints_paired_ratio_and_share(tiny_backbone, data_root, token_cache, capsys):
+    spectral_overhead.main(["--backbone", tiny_backbone, "--data-dir", str(data_root), "--steps", "3",
+                            "--rounds", "2", "--batch-size", "8"])
+    out = capsys.readouterr().out
+    for label in ("paired ratio, median (IQR)", "ratio of medians"):
+        assert 0.2 < _value(out, label) < 5.0
+    assert 0.0 < _value(out, "callback's own share of step") < 1.0
+    assert "4 same-batch pairs" in out  # 2 rounds × (3 steps − 1 warm-up)
+
+
+def test_eigensolver_warm_solves_pass_the_residual_check(capsys):
+    eigensolver.main(["--sizes", "300", "--k", "4", "--graph", "random", "param", "--dense-max", "1000",
+                      "--eigsh-max", "1000", "--threads", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["random"], ["param"])]
+    assert [r[0] for r in rows] == ["random", "param"]
+    for row in rows:
+        assert row[8] == "ok"  # warm_method: LOBPCG passed its residual and orthonormality checks
+        assert float(row[9]) <= 1e-3  # warm residual within tol
+        assert float(row[-1]) < 1e-2  # each λ within 1e-2 of a dense-eigh eigenvalue
+
+
+def test_methods_prints_costs_relative_to_independent(tiny_backbone, data_root, token_cache, capsys):
+    methods.main(["--backbone", tiny_backbone, "--data-dir", str(data_root), "--steps", "2", "--batch-size", "8",
+                  "--methods", "independent", "shared"])
+    out = capsys.readouterr().out
+    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in out.splitlines())
+            if len(cells) > 6 and cells[1].strip() in ("independent", "shared")}
+    assert set(rows) == {"independent", "shared"}, out
+    assert float(rows["independent"][4]) == 1.0  # the reference
+    trainable = {m: int(r[2].replace(",", "")) for m, r in rows.items()}
+    assert trainable["shared"] < trainable["independent"]  # one adapter instead of one per task
+    assert math.isfinite(float(rows["shared"][4])) and float(rows["shared"][6]) > 0
