@@ -234,6 +234,7 @@ class SpectralGraphCallback(L.Callback):
         self._vectors_version = [0] * n_classes
         self._c_delta_prev = [None] * n_classes
         self._c_theta0 = [None] * n_classes
+        self._response_cache: dict[int, tuple[int, Tensor, float]] = {}
 
     def _projected(self, cache: list, c: int, signal: Tensor) -> Tensor:
         """Uᵀ signal (k, p) for class c, cached until the class's eigenvectors change."""
@@ -331,8 +332,17 @@ class SpectralGraphCallback(L.Callback):
         return True
 
     def gradient_response(self, c: int) -> tuple[Tensor, float]:
-        """h_g (k,), h_g,rest of the gradient filter: coordination × band filter (each optional)."""
-        values = self.values[c]
+        """h_g (k,), h_g,rest of the gradient filter: coordination × band filter (each optional).
+
+        A function of the eigenvalues only: computed once per refresh (no per-step host-to-device copies)."""
+        version = self._vectors_version[c]
+        cached = self._response_cache.get(c)
+        if cached is None or cached[0] != version:
+            cached = (version, *self._gradient_response(self.values[c]))
+            self._response_cache[c] = cached
+        return cached[1], cached[2]
+
+    def _gradient_response(self, values: Tensor) -> tuple[Tensor, float]:
         h, rest = torch.ones_like(values), 1.0
         if self.coordination:
             hc, rc = coordination_response(values.numel(), self.epsilon)

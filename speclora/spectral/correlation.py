@@ -224,10 +224,13 @@ class EdgeCorrelation:
             # ⟨g_i, g_j⟩ on the pairs of class c
             s_new[self.class_pairs[c]] = self._dots(G, c)  # (P_c,)
         # a non-finite entry of G makes its ‖g_i‖² non-finite; a finite ‖g‖ bounds the dots (Cauchy–Schwarz)
-        if not bool(torch.isfinite(q_new).all() & torch.isfinite(s_new).all()):
+        # both tests in one host synchronisation (it decides whether the step is filtered at all)
+        finite, nonzero = torch.stack([torch.isfinite(q_new).all() & torch.isfinite(s_new).all(),
+                                       (q_new > 0).any()]).tolist()
+        if not finite:
             self.num_skipped_nonfinite += 1
             return False
-        if not bool((q_new > 0).any()):
+        if not nonzero:
             self.num_skipped_zero += 1
             return False
         mu = self.decay
