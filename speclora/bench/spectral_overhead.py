@@ -1,6 +1,7 @@
 """Spectral overhead: training-step time with the SpectralGraphCallback over the same step without it.
 
     python -m speclora.bench.spectral_overhead [--backbone default] [--steps 12] [--rounds 3]
+    python -m speclora.bench.spectral_overhead --hooks [--backbone default] [--repeat 20]
 
 The default backbone and suite (10 tasks, batch 32, n = 2·T·S = 480 graph nodes), the full method
 (coordination, band filter, per-eigencomponent rates, learned coefficients, high-pass regulariser,
@@ -11,6 +12,9 @@ step i of the spectral run of the same round are paired (same batch, minutes apa
 the median of these paired ratios (goal <= 1.01; the paper claims 1.016), which cancels the spread of
 step times across batches; the ratio of the median step times and the callback's own share of the step
 (timed inside its hooks) are printed beside it.
+
+``--hooks`` times the callback's own work instead, without training: its hooks called directly on the
+model's adapters with random gradients (B ≠ 0), each repeated ``--repeat`` times after one warm-up call.
 """
 
 from __future__ import annotations
@@ -59,6 +63,49 @@ def _run(module, datamodule, steps: int, spectral: SpectralGraphCallback | None,
     return timer.times[1:], timer.batches[1:]
 
 
+def hook_times(backbone: str, repeat: int) -> dict[str, float]:
+    """Milliseconds per call of each piece of the callback's per-step work on ``backbone``'s default suite."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    module = SpecLoRAModule(DEFAULT_SUITE, backbone=backbone, method="independent")
+    module.log = lambda *args, **kwargs: None  # no trainer: logging is not timed
+    callback = SpectralGraphCallback(log_every=10**9, heatmap_every=0)
+    trainer = SimpleNamespace(global_step=1, world_size=1, logger=None)
+    callback.setup(trainer, module, "fit")
+    for layer in callback.layers:
+        layer.lora_A.grad = torch.randn_like(layer.lora_A)
+        layer.lora_B.grad = torch.randn_like(layer.lora_B)
+        layer.lora_B.data.normal_(std=0.02)
+    callback.refresh(None)
+
+    def before_step() -> None:
+        trainer.global_step = 1  # not a refresh step
+        callback.on_before_optimizer_step(trainer, module, None)
+
+    def after_step() -> None:
+        trainer.global_step = 2  # the step after the snapshot: the update filter runs
+        callback.on_train_batch_end(trainer, module, None, None, 0)
+
+    grads = callback._signals(grad=True)
+    pieces = {
+        "stack gradients": lambda: callback._signals(grad=True, buffer="grad"),
+        "EMA correlations": lambda: callback.corr.update(grads),
+        "refresh (every refresh_every steps)": lambda: callback.refresh(None),
+        "on_before_optimizer_step": before_step,
+        "on_train_batch_end": lambda: (before_step(), after_step()),
+    }
+    times = {}
+    for name, fn in pieces.items():
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        times[name] = (time.perf_counter() - start) / repeat * 1000
+    times["on_train_batch_end"] -= times["on_before_optimizer_step"]  # it needs a snapshot from the hook before
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="default")
@@ -68,7 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--refresh-every", type=int, default=20)
     parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--hooks", action="store_true", help="time the callback's hooks directly, no training")
+    parser.add_argument("--repeat", type=int, default=20, help="calls per hook with --hooks")
     args = parser.parse_args(argv)
+    if args.hooks:
+        times = hook_times(args.backbone, args.repeat)
+        print(f"backbone={args.backbone} tasks={len(DEFAULT_SUITE)} repeat={args.repeat} (ms per call)")
+        for name, ms in times.items():
+            print(f"{name:40s}: {ms:8.2f} ms")
+        return
 
     datamodule = MultiTaskDataModule(tasks=DEFAULT_SUITE, data_dir=args.data_dir, tokenizer=args.backbone,
                                      batch_size=args.batch_size, max_eval_per_task=8)

@@ -53,3 +53,10 @@ def test_methods_prints_costs_relative_to_independent(tiny_backbone, data_root, 
     trainable = {m: int(r[2].replace(",", "")) for m, r in rows.items()}
     assert trainable["shared"] < trainable["independent"]  # one adapter instead of one per task
     assert math.isfinite(float(rows["shared"][4])) and float(rows["shared"][6]) > 0
+
+
+def test_spectral_overhead_hooks_prints_each_piece(tiny_backbone, data_root, token_cache, capsys):
+    spectral_overhead.main(["--hooks", "--backbone", tiny_backbone, "--repeat", "2"])
+    out = capsys.readouterr().out
+    for label in ("stack gradients", "EMA correlations", "on_before_optimizer_step", "on_train_batch_end"):
+        assert 0.0 < _value(out, label) < 10_000
