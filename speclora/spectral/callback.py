@@ -394,9 +394,7 @@ class SpectralGraphCallback(L.Callback):
                 # ∂L(θ_t)/∂h_i = ⟨U_iᵀ G_t, U_iᵀ Δ_{t−1}⟩
                 cd = self._projected(self._c_delta_prev, c, self.delta_prev[c])  # (k, p_c)
                 self.h_learned[c] = hypergradient_step(self.h_learned[c], cg, cd, self.hyper_lr, self.hyper_clip)
-            h, rest = self.gradient_response(c)
-            if not (self.coordination or self.band_filter):
-                h, rest = torch.ones_like(h), 1.0
+            h, rest = self.gradient_response(c)  # (1, 1.0) when neither coordination nor band filter is on
             # G' = U diag(h) Uᵀ G + h_rest (G − U Uᵀ G) = h_rest G + U diag(h − h_rest) Uᵀ G
             low = (h - rest).unsqueeze(1) * cg  # (k, p_c)
             # g is this step's own stacked copy: updated in place from here on
