@@ -178,6 +178,7 @@ class SpectralGraphCallback(L.Callback):
         self._vectors_version: list[int] = []
         self._c_delta_prev: list[tuple[int, Tensor] | None] = []
         self._c_theta0: list[tuple[int, Tensor] | None] = []
+        self._response_cache: dict[int, tuple[int, Tensor, float]] = {}
         self._work: dict[str, list[Tensor]] = {}
         self.counters = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "solver_failed": 0,
                          "skipped_nonfinite": 0}
@@ -234,7 +235,7 @@ class SpectralGraphCallback(L.Callback):
         self._vectors_version = [0] * n_classes
         self._c_delta_prev = [None] * n_classes
         self._c_theta0 = [None] * n_classes
-        self._response_cache: dict[int, tuple[int, Tensor, float]] = {}
+        self._response_cache = {}
 
     def _projected(self, cache: list, c: int, signal: Tensor) -> Tensor:
         """Uᵀ signal (k, p) for class c, cached until the class's eigenvectors change."""
@@ -401,8 +402,8 @@ class SpectralGraphCallback(L.Callback):
             g2 = g if rest == 1.0 else g.mul_(rest)  # (n_c, p_c)
             if self.regularizer == "highpass" and self.gamma > 0:
                 # R = γ‖(I − U Uᵀ) ΔΘ‖² = γ(‖ΔΘ‖² − ‖Uᵀ ΔΘ‖²),  ∇R = 2γ ΔΘ − 2γ U Uᵀ ΔΘ
-                delta = torch.sub(theta[c], self.theta0[c], out=self._buffers("delta")[c]) if (
-                    self._buffers("delta") is not None) else theta[c] - self.theta0[c]  # (n_c, p_c)
+                work = self._buffers("delta")
+                delta = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c)
                 c_delta = U.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c): Uᵀ ΔΘ
                 g2 = g2.add_(delta, alpha=2 * self.gamma)
                 low = low.sub_(c_delta, alpha=2 * self.gamma)
