@@ -93,6 +93,10 @@ class Method:
         module.import_peft_adapters(in_dir)
 
     def hparams(self) -> dict[str, Any]:
-        """The method as a LightningCLI config value (class path and constructor arguments)."""
+        """The method as a LightningCLI config value (class path and constructor arguments); a checkpoint's
+        hyperparameters hold it and ``speclora.methods.get_method`` rebuilds the method from it. A method keeps
+        its constructor arguments as public attributes of the same names, and its working state in private
+        (``_``) ones."""
         cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(vars(self))}
+        args = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}

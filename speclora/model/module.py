@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,14 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from speclora.checkpoint import (
+    IDENTITY_KEY,
+    backbone_fingerprint,
+    frozen_keys,
+    prune_frozen,
+    restore_frozen,
+    with_entries,
+)
 from speclora.methods import Independent, Method, get_method
 from speclora.metrics import TaskMetrics
 from speclora.model.backbone import resolve_backbone
@@ -101,6 +110,10 @@ class SpecLoRAModule(L.LightningModule):
         pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
         head_dropout: dropout inside the task heads.
         loss_weights: ``uniform`` or ``size`` (module docstring).
+
+    ``method``, ``lora`` and ``optim`` also take the plain dicts a checkpoint's hyperparameters hold, so
+    ``SpecLoRAModule.load_from_checkpoint(path)`` rebuilds any method with its options. Checkpoints leave the
+    frozen backbone out and name it instead (speclora.checkpoint); :meth:`load_state_dict` takes them.
     """
 
     def __init__(
@@ -116,7 +129,10 @@ class SpecLoRAModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.specs = resolve_tasks(tasks)
+        # a checkpoint's hyperparameters hold the method, lora and optim as plain dicts (load_from_checkpoint)
         method = get_method(method)
+        lora = _config(lora, LoRAConfig, "model.lora")
+        optim = _config(optim, OptimConfig, "model.optim")
         method.check(self.specs)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
@@ -138,13 +154,17 @@ class SpecLoRAModule(L.LightningModule):
 
         self.encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
         self.encoder.train()  # from_pretrained returns eval mode; training uses the encoder's own dropout
-        for p in self.encoder.parameters():
+        # what lean checkpoints name instead of storing the frozen weights (speclora.checkpoint)
+        self.backbone_identity = {"backbone": backbone, "sha256": backbone_fingerprint(self.encoder.state_dict())}
+        backbone_params = list(self.encoder.parameters())
+        for p in backbone_params:
             p.requires_grad_(False)
         self.targets = resolve_targets(self.encoder.config.model_type, lora.targets)
         self.router: AdapterRouter | None = None
         self.slots: list[LoRASlot] = []
         self.method_net: nn.Module | None = None  # a method's own trainable modules (hypernetworks...)
         method.build(self)
+        self._frozen_keys = frozen_keys(self, backbone_params)  # what checkpoints leave out (full_ft: nothing)
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict(
             {
@@ -319,8 +339,26 @@ class SpecLoRAModule(L.LightningModule):
             result["probs"].append(out.probs.cpu() if out.probs is not None else None)
         return result
 
-    # ------------------------------------------------------------------ exact resume
+    # ------------------------------------------------------------------ lean checkpoints, exact resume
+    def get_extra_state(self) -> dict[str, str]:
+        """The backbone's name and fingerprint: a lean checkpoint's state dict carries them (``_extra_state``)."""
+        return dict(self.backbone_identity)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Nothing to restore: :meth:`load_state_dict` compares the saved identity when it needs it."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that accepts lean checkpoints (speclora.checkpoint): the frozen backbone
+        tensors they leave out are this module's own, once the saved backbone fingerprint matches; any other
+        missing key still fails a strict load."""
+        state_dict = restore_frozen(self, state_dict, self._frozen_keys, self.backbone_identity)
+        if IDENTITY_KEY not in state_dict:  # written before checkpoints named their backbone (and held all of it)
+            state_dict = with_entries(state_dict, {IDENTITY_KEY: self.get_extra_state()})
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the frozen backbone stays out of the file; its identity is in the state dict's _extra_state
+        prune_frozen(self, checkpoint["state_dict"], self._frozen_keys)
         # dropout draws from the global generators: keep them so that a resumed run continues exactly
         state: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -432,6 +470,19 @@ class SpecLoRAModule(L.LightningModule):
                 raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
             import_adapter(self.encoder, folder, self.method.adapter_of_task(t))
             self.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+
+
+def _config(value: Any, cls: type, key: str) -> Any:
+    """A config dataclass from itself or from its fields as a dict (a checkpoint's hyperparameters)."""
+    if not isinstance(value, Mapping):
+        return value
+    fields = dict(value)
+    if "betas" in fields:
+        fields["betas"] = tuple(fields["betas"])
+    try:
+        return cls(**fields)
+    except TypeError as err:
+        raise ValueError(f"{key}={fields!r}: {err}; allowed fields: {', '.join(cls.__dataclass_fields__)}") from err
 
 
 def warmup_steps(total: int, ratio: float) -> int:
