@@ -1,3 +1,5 @@
-from speclora.cli import main
+import sys
 
-main()
+from speclora.cli import console
+
+sys.exit(console())
