@@ -1,4 +1,5 @@
-"""The figures of the quality matrix, as PNG files under OUT/plots and in TensorBoard under OUT/tensorboard.
+"""The figures of the quality matrix, as PNG and PDF files under OUT/plots (matplotlib, speclora.bench.plots) and
+in TensorBoard under OUT/tensorboard.
 
     scores_main.png, scores_fewshot.png, scores_ablations.png   per-task test scores by method (mean ± std)
     curves.png           val/average and train/loss over steps, mean over seeds with a ± std band
@@ -67,7 +68,7 @@ def _spectral_run(rows: Sequence[Row], out: Path) -> tuple[Row, Path] | None:
 
 
 def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, tables_md: str) -> list[Path]:
-    """Draw every figure the results allow; returns the PNG paths (none without Pillow)."""
+    """Draw every figure the results allow; returns the PNG and PDF paths (none without matplotlib)."""
     images: dict[str, np.ndarray] = {}
     written: list[Path] = []
     folder = out / "plots"
@@ -111,9 +112,9 @@ def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, table
             images["coordination"] = plots.coordination_chart(
                 folder / "coordination.png", data["rho"], data["node_task"], data["node_layer"],
                 [task_label(t) for t in run["tasks"]], f"coordination rho between LoRA matrices ({run['run_id']})")
-        written = [folder / f"{name}.png" for name in images]
+        written = [path for name in images for path in plots.outputs(folder / f"{name}.png")]
     else:
-        log.warning("Pillow is not installed (pip install 'speclora[bench]'): no PNG figures")
+        log.warning("matplotlib is not installed (pip install 'speclora[bench]'): no figures")
     _tensorboard(out / "tensorboard", images, curves, tables_md)
     return written
 

@@ -91,10 +91,11 @@ def test_figures_are_drawn_and_logged_to_tensorboard(tmp_path):
     from speclora.bench.quality_figures import write_figures
 
     if not plots.available():
-        pytest.skip("Pillow is not installed")
+        pytest.skip("matplotlib is not installed")
     plan = {"suite": ["rte", "copa"], "fewshot_tasks": [], "skipped": {}}
     written = write_figures(_with_curves(_toy()), plan, tmp_path, "tables")
-    assert {p.name for p in written} == {"scores_main.png", "scores_ablations.png", "curves.png"}
+    assert {p.name for p in written} == {f"{name}.{ext}" for name in ("scores_main", "scores_ablations", "curves")
+                                         for ext in ("png", "pdf")}
     assert all(p.stat().st_size > 1000 for p in written)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
