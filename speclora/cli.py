@@ -50,7 +50,8 @@ class SpecLoRAArgumentParser(LightningArgumentParser):
     no import path)."""
 
     def error(self, message: str, ex: Exception | None = None):
-        if 'key "model.method"' in message:
+        # only when the class itself is unknown: a wrong option of a known class is reported well already
+        if 'key "model.method"' in message and "Problem with given class_path" not in message:
             found = re.search(r"import path string: (\S+)", message)
             given = f"={found.group(1)!r} is not a method" if found else ""
             message += (f"\n  model.method{given}; allowed: {', '.join(method_names())} (options: "
