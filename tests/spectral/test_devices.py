@@ -21,7 +21,7 @@ from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
-from speclora.spectral.correlation import EdgeCorrelation
+from tests.spectral.state import off_device, state_tensors
 
 TASKS = ["rte", "stsb", "copa"]
 
@@ -70,30 +70,6 @@ def _fit(module, datamodule, callbacks, steps=3, **kwargs) -> L.Trainer:
     return trainer
 
 
-def _state_tensors(callback: SpectralGraphCallback) -> dict[str, torch.Tensor]:
-    """Every tensor the callback holds, found by walking its attributes (lists, dicts, EdgeCorrelation), so
-    that state added later is checked too. The layout (node numbering) is structure kept on the CPU."""
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(name: str, x) -> None:
-        if isinstance(x, torch.Tensor):
-            found[name] = x
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(f"{name}[{i}]", v)
-        elif isinstance(x, dict):
-            for key, v in x.items():
-                walk(f"{name}[{key!r}]", v)
-        elif isinstance(x, EdgeCorrelation):
-            for key, v in vars(x).items():
-                walk(f"{name}.{key}", v)
-
-    for key, value in vars(callback).items():
-        if key not in ("layers", "layout"):
-            walk(key, value)
-    return found
-
-
 def test_set_up_before_the_module_reaches_its_device(tiny_backbone, datamodule):
     # the crash of issue 11 on a CPU-only machine: set-up state taken on the module's set-up device
     plain_module, plain = _module(tiny_backbone), _callback()
@@ -105,9 +81,7 @@ def test_set_up_before_the_module_reaches_its_device(tiny_backbone, datamodule):
     _fit(module, datamodule, [spectral], strategy=_MaterialiseOnCPU(saved))
 
     assert spectral.counters["refreshes"] == 2 and spectral.delta_prev[0] is not None
-    state = _state_tensors(spectral)
-    assert len(state) > 20 and {t.device.type for t in state.values()} == {"cpu"}, \
-        {n: t.device for n, t in state.items() if t.device.type != "cpu"}
+    assert len(state_tensors(spectral)) > 20 and not off_device(spectral, "cpu"), off_device(spectral, "cpu")
     # and the steps are those of a run that never left the CPU
     for (name, a), b in zip(plain_module.named_parameters(), module.parameters()):
         if a.requires_grad:
@@ -120,17 +94,16 @@ def test_state_follows_the_parameters_to_another_device(tiny_backbone, datamodul
     module, spectral = _module(tiny_backbone), _callback()
     trainer = _fit(module, datamodule, [spectral])
     checkpoint = spectral.state_dict()  # on the CPU, as a checkpoint written there
-    cpu_state = _state_tensors(spectral)
+    cpu_state = state_tensors(spectral)
     assert spectral._work and spectral._c_delta_prev[0] is not None  # buffers and caches are part of it
     module.to("meta")  # the parameters move (to "another GPU")
     spectral.on_train_start(trainer, module)
-    moved = _state_tensors(spectral)
+    moved = state_tensors(spectral)
     assert moved.keys() >= {k for k in cpu_state if not k.startswith(("_work", "_theta_before"))}
-    assert {t.device.type for t in moved.values()} == {"meta"}, \
-        {n: t.device for n, t in moved.items() if t.device.type != "meta"}
+    assert not off_device(spectral, "meta"), off_device(spectral, "meta")
     # a checkpoint written on one device resumes on the parameters' device
     spectral.load_state_dict(checkpoint)
-    assert {t.device.type for t in _state_tensors(spectral).values()} == {"meta"}
+    assert not off_device(spectral, "meta"), off_device(spectral, "meta")
 
 
 def test_spectral_math_is_float32_whatever_the_training_precision(tiny_backbone, datamodule):
@@ -154,6 +127,6 @@ def test_spectral_math_is_float32_whatever_the_training_precision(tiny_backbone,
         torch.set_float32_matmul_precision(before)
     assert seen and set(seen) == {("ieee", False)}
     assert spectral.layers[0].lora_A.dtype == torch.float32 and spectral._work  # the float32 buffer path
-    floats = [t for t in _state_tensors(spectral).values() if t.is_floating_point() and t.layout == torch.strided]
+    floats = [t for t in state_tensors(spectral).values() if t.is_floating_point() and t.layout == torch.strided]
     assert {t.dtype for t in floats} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in floats)
