@@ -17,14 +17,10 @@ The regulariser enters as its gradient, added to the adapters' gradients before 
 gradient-based optimiser this is the same as adding γ R(Θ) to the loss (logged as train/spectral/reg).
 Every part is switchable for the ablations of the paper's Table 7 (configs/methods/speclora*.yaml).
 
-Devices and precision. Lightning calls ``setup`` before the strategy moves the module to its device
-(trainer.py ``_run``: setup hooks, checkpoint restore, then ``strategy.setup``), so ``setup`` builds the graph
-on the CPU and takes no parameter values. From ``on_train_start`` on, and at every step hook (a device
-comparison, no copy), the callback's whole state (edges, EMAs, eigenpairs, Θ₀, learned coefficients, Δ,
-work buffers, caches) sits on the device of the LoRA parameters: cuda:N under DDP, the CPU after a resume
-of a GPU checkpoint on a CPU, and the reverse. Only the layout (node numbering, Python-side structure) stays
-on the CPU. The spectral math runs in IEEE float32 (float64 inside the solvers) whatever the training
-precision: autocast off, TF32 off (``ieee_float32``), signals cast to float32.
+Devices (docs/method.md, "Devices and precision"): Lightning calls ``setup`` before the strategy moves the
+module, so ``setup`` builds the graph on the CPU and reads no parameter; from ``on_train_start`` on, checked
+at every step hook, the whole state sits on the LoRA parameters' device (cuda:N, or wherever a checkpoint
+resumes). The spectral math runs in IEEE float32 whatever the training precision (``float32_math``).
 """
 
 from __future__ import annotations
@@ -32,8 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -42,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from speclora.model.lora import MultiTaskLoRALinear, lora_modules
+from speclora.spectral.callback_logs import log_refresh, log_step
 from speclora.spectral.correlation import (
     EdgeCorrelation,
     edge_weights,
@@ -50,13 +46,12 @@ from speclora.spectral.correlation import (
     stack_signals,
     unstack_signals,
 )
+from speclora.spectral.devices import broadcast_from_rank0, float32_math, move_to
 from speclora.spectral.eigen import (
-    METHODS,
     SOLVERS,
     EigenResult,
     EigenSolverError,
     dense_threshold_for,
-    ieee_float32,
     smallest_eigenpairs,
 )
 from speclora.spectral.filters import (
@@ -68,16 +63,8 @@ from speclora.spectral.filters import (
     eigen_lr_response,
     hypergradient_step,
 )
-from speclora.spectral.graph import (
-    EDGE_KINDS,
-    GraphLayout,
-    build_edges,
-    class_subgraph,
-    graph_statistics,
-    node_features,
-)
+from speclora.spectral.graph import EDGE_KINDS, GraphLayout, build_edges, class_subgraph, graph_statistics
 from speclora.spectral.laplacian import laplacian
-from speclora.spectral.visual import coordination_image
 
 log = logging.getLogger(__name__)
 
@@ -247,20 +234,9 @@ class SpectralGraphCallback(L.Callback):
             ei, ids = class_subgraph(self.layout, edge_index, positions, c)  # (2, E_c), (E_c,)
             self._class_edges_index.append(ei)
             self._class_edges_ids.append(ids)
+        self.class_k = [min(self.k, ids.numel()) for _, ids in self.layout.shape_classes]
         # the device the strategy will train on (cuda:N under DDP): its crossover decides dense vs LOBPCG
-        target = getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device
-        self.class_k = []
-        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
-            n_c = ids.numel()
-            k_c = min(self.k, n_c)
-            if self.class_solver(n_c, target) == "lobpcg" and n_c < 3 * k_c:
-                # LOBPCG needs n >= 3k: a clear error now, not mid-training
-                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
-                raise ValueError(
-                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
-                    f"has n={n_c} nodes and is solved by LOBPCG on {target}, which needs n >= 3k = {3 * k_c}; "
-                    f"lower k to at most {n_c // 3}, or use {fix}")
-            self.class_k.append(k_c)
+        self._check_solver(getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device)
         n_classes = len(self.layout.shape_classes)
         self.values, self.vectors = [None] * n_classes, [None] * n_classes
         self.h_learned = [None] * n_classes
@@ -276,6 +252,17 @@ class SpectralGraphCallback(L.Callback):
         self._graph_stats = stats
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
+
+    def _check_solver(self, device: torch.device) -> None:
+        """LOBPCG needs n_c >= 3k in every class it solves on ``device``: a clear error before training."""
+        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
+            n_c, k_c = ids.numel(), self.class_k[c]
+            if self.class_solver(n_c, device) == "lobpcg" and n_c < 3 * k_c:
+                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
+                raise ValueError(
+                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
+                    f"has n={n_c} nodes and is solved by LOBPCG on {device}, which needs n >= 3k = {3 * k_c}; "
+                    f"lower k to at most {n_c // 3}, or use {fix}")
 
     def class_solver(self, n: int, device: torch.device | str) -> str:
         """The solver of an n-node class on ``device``: ``dense`` or ``lobpcg`` (``auto`` resolved)."""
@@ -303,40 +290,21 @@ class SpectralGraphCallback(L.Callback):
 
     def _move_to(self, device: torch.device) -> None:
         """Move every tensor the callback holds to ``device``: exact copies, so a run continues bit for bit."""
-
-        def move(x):
-            if isinstance(x, Tensor):
-                return x.to(device)
-            if isinstance(x, (list, tuple)):
-                return type(x)(move(v) for v in x)
-            if isinstance(x, dict):
-                return {key: move(v) for key, v in x.items()}
-            return x
-
         log.info("SpectralGraphCallback: state moved from %s to %s (the LoRA parameters' device)", self._device,
                  device)
-        self.edge_index, self.edge_type = move(self.edge_index), move(self.edge_type)
+        self._check_solver(device)  # with solver auto, the crossover is the new device type's
+        self.edge_index, self.edge_type = move_to(self.edge_index, device), move_to(self.edge_type, device)
         self.corr.to(device)
-        self._class_edges_index, self._class_edges_ids = move(self._class_edges_index), move(self._class_edges_ids)
-        self.values, self.vectors, self.h_learned = move(self.values), move(self.vectors), move(self.h_learned)
-        self.theta0, self.delta_prev = move(self.theta0), move(self.delta_prev)
-        self._c_delta_prev, self._c_theta0 = move(self._c_delta_prev), move(self._c_theta0)
-        self._response_cache = move(self._response_cache)
+        self._class_edges_index = move_to(self._class_edges_index, device)
+        self._class_edges_ids = move_to(self._class_edges_ids, device)
+        self.values, self.vectors = move_to(self.values, device), move_to(self.vectors, device)
+        self.h_learned, self.theta0 = move_to(self.h_learned, device), move_to(self.theta0, device)
+        self.delta_prev = move_to(self.delta_prev, device)
+        self._c_delta_prev, self._c_theta0 = move_to(self._c_delta_prev, device), move_to(self._c_theta0, device)
+        self._response_cache = move_to(self._response_cache, device)
         self._theta_before = None  # views of the work buffers, which are allocated anew on the device
         self._work = {}
         self._device = device
-
-    @contextmanager
-    def _float32_math(self) -> Iterator[None]:
-        """The spectral math in IEEE float32 whatever the training precision: no autocast, no TF32."""
-        kind = self._device.type
-        autocast = torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else None
-        with ieee_float32():
-            if autocast is None:
-                yield
-            else:
-                with autocast:
-                    yield
 
     def _take_theta0(self) -> None:
         """Θ₀, the adapters at the start of training, unless a checkpoint restored it."""
@@ -399,15 +367,6 @@ class SpectralGraphCallback(L.Callback):
             w = fixed_weights(self.edge_type)  # (E,)
         return self._class_edges_index[c], w[self._class_edges_ids[c]]  # (2, E_c), (E_c,)
 
-    def _broadcast(self, trainer: L.Trainer, tensor: Tensor) -> Tensor:
-        """Rank 0's tensor on every rank, on this rank's own device (cuda:N): an in-place collective, not the
-        strategy's pickled object broadcast (which would unpickle a GPU tensor on the sender's device)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            tensor = tensor.contiguous()
-            torch.distributed.broadcast(tensor, src=0)
-            return tensor
-        return trainer.strategy.broadcast(tensor, src=0).to(tensor.device)
-
     def refresh(self, trainer: L.Trainer | None = None) -> bool:
         """Recompute every class's k smallest Laplacian eigenpairs, warm-started from the previous ones.
 
@@ -443,7 +402,8 @@ class SpectralGraphCallback(L.Callback):
             values, vectors = result.values, result.vectors  # (k,), (n_c, k), on the Laplacian's device
             if trainer is not None and trainer.world_size > 1:
                 # every rank must hold the same eigenpairs: rank 0's are the reference
-                values, vectors = self._broadcast(trainer, values), self._broadcast(trainer, vectors)
+                values = broadcast_from_rank0(trainer.strategy, values)  # (k,)
+                vectors = broadcast_from_rank0(trainer.strategy, vectors)  # (n_c, k)
             self.values[c], self.vectors[c] = values, vectors
             self._vectors_version[c] += 1
             if self.learned and self.h_learned[c] is None:
@@ -453,24 +413,8 @@ class SpectralGraphCallback(L.Callback):
         self.last_refresh = [{"method": r.method, "warm": warm, "iterations": r.iterations, "residual": r.residual,
                               "seconds": seconds} for r, seconds, warm in results]
         if trainer is not None:
-            self._log_refresh(trainer, time.perf_counter() - start)
+            log_refresh(trainer, self.last_refresh, time.perf_counter() - start)
         return True
-
-    def _log_refresh(self, trainer: L.Trainer, seconds: float) -> None:
-        """Per refresh, to every logger (TensorBoard): per class the solver (its index in ``METHODS``: 0 dense,
-        1 lobpcg, 2 fallback_dense, 3 kept_previous), whether it was warm-started (1/0), LOBPCG iterations,
-        residual ‖LU − UΛ‖_F / c and seconds, and the seconds of the whole refresh. Steps without a refresh
-        log nothing here (no host sync)."""
-        metrics = {"train/spectral/refresh/seconds": seconds}
-        for c, result in enumerate(self.last_refresh):
-            prefix = f"train/spectral/refresh/class{c}"
-            metrics[f"{prefix}/solver"] = float(METHODS.index(result["method"]))
-            metrics[f"{prefix}/warm"] = float(result["warm"])
-            metrics[f"{prefix}/iterations"] = float(result["iterations"])
-            metrics[f"{prefix}/residual"] = float(result["residual"])
-            metrics[f"{prefix}/seconds"] = float(result["seconds"])
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
 
     def gradient_response(self, c: int) -> tuple[Tensor, float]:
         """h_g (k,), h_g,rest of the gradient filter: coordination × band filter (each optional).
@@ -516,7 +460,7 @@ class SpectralGraphCallback(L.Callback):
         start = time.perf_counter()
         self._ensure_device()
         self._take_theta0()
-        with self._float32_math():
+        with float32_math(self._device):
             self._filter_step(trainer, pl_module)
         self._time_spent += time.perf_counter() - start
 
@@ -572,7 +516,7 @@ class SpectralGraphCallback(L.Callback):
             self._theta_before = theta  # the parameters are unchanged since: only the gradients were written
             self._step_of_snapshot = step
         if energies is not None:
-            self._log(trainer, pl_module, energies)
+            log_step(self, trainer, pl_module, energies)
 
     def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ
@@ -585,7 +529,7 @@ class SpectralGraphCallback(L.Callback):
         start = time.perf_counter()
         self._ensure_device()
         if self._theta_before is not None and trainer.global_step == self._step_of_snapshot + 1:
-            with self._float32_math():
+            with float32_math(self._device):
                 self._filter_update()
         now = time.perf_counter()
         self._time_spent += now - start
@@ -611,43 +555,6 @@ class SpectralGraphCallback(L.Callback):
             out.append(a.addmm_(U, (h - 1).unsqueeze(1) * c_delta) if h is not None else a)
         self._write(out, grad=False)
         self._theta_before = None
-
-    # ------------------------------------------------------------------ logging
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, energies: list[Tensor]) -> None:
-        """energies: per class, ``band_energy`` of this step's raw gradients (B + 1,)."""
-        step = trainer.global_step
-        for key, value in self.counters.items():
-            pl_module.log(f"train/spectral/{key}", float(value), batch_size=1)
-        experiment = getattr(trainer.logger, "experiment", None)
-        for c, energy in enumerate(energies):
-            values = self.values[c]
-            share = energy / energy.sum().clamp_min(1e-30)
-            for b, e in enumerate(share.tolist()):
-                name = f"band{b}" if b < share.numel() - 1 else "beyond_k"
-                pl_module.log(f"train/spectral/class{c}/energy_{name}", e, batch_size=1)
-            pl_module.log(f"train/spectral/class{c}/lambda_2", float(values[1]) if values.numel() > 1 else 0.0,
-                          batch_size=1)
-            if experiment is not None and hasattr(experiment, "add_histogram"):
-                experiment.add_histogram(f"spectral/class{c}/eigenvalues", values.cpu(), step)
-                h, rest = self.gradient_response(c)
-                experiment.add_histogram(f"spectral/class{c}/gradient_response", h.cpu(), step)
-                hu = self.update_response(c)
-                if hu is not None:
-                    experiment.add_histogram(f"spectral/class{c}/update_response", hu.cpu(), step)
-        if experiment is not None and hasattr(experiment, "add_histogram"):
-            # node features (§3.1): Frobenius, spectral, nuclear norm, condition number of every LoRA matrix
-            feats = node_features([m.lora_A.detach().float() for m in self.layers],
-                                  [m.lora_B.detach().float() for m in self.layers])  # (n, 4)
-            for j, name in enumerate(("frobenius", "spectral", "nuclear", "condition")):
-                experiment.add_histogram(f"spectral/node/{name}", feats[:, j].cpu(), step)
-        if experiment is not None and hasattr(experiment, "add_image") and self.heatmap_every and (
-                step % self.heatmap_every == 0):
-            image = coordination_image(self.corr.rho().cpu(), self.edge_index.cpu(), self.layout)
-            experiment.add_image("spectral/coordination", image, step)
-        if step == 0 and experiment is not None and hasattr(experiment, "add_scalar"):
-            for kind, stats in self._graph_stats.items():
-                for key, value in stats.items():
-                    experiment.add_scalar(f"spectral/graph/{kind}/{key}", value, 0)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -682,11 +589,9 @@ class SpectralGraphCallback(L.Callback):
         device = self._device
         self.corr.load_state_dict(state["corr"])
 
-        def move(xs):
-            return [x.to(device) if x is not None else None for x in xs]
-
-        self.values, self.vectors = move(state["values"]), move(state["vectors"])
-        self.h_learned, self.delta_prev = move(state["h_learned"]), move(state["delta_prev"])
-        self.theta0 = move(state["theta0"])
+        self.values, self.vectors = move_to(list(state["values"]), device), move_to(list(state["vectors"]), device)
+        self.h_learned = move_to(list(state["h_learned"]), device)
+        self.delta_prev = move_to(list(state["delta_prev"]), device)
+        self.theta0 = move_to(list(state["theta0"]), device)
         self.counters.update(state["counters"])
         self._reset_caches()

@@ -33,19 +33,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from speclora.spectral.devices import ieee_float32
 from speclora.spectral.laplacian import spectral_bound
 
 DENSE_THRESHOLD = 2000  # CPU: n up to which the dense solver is the first choice (eigh of 2000² ≈ 1 s on 2 cores)
 # n up to which ``solver="auto"`` takes dense eigh, per device type (other types: the CPU value).
-# cpu: measured on the project's 2-core CPU (docs/benchmarks.md). cuda: provisional, NOT measured (no GPU was
-# at hand); dense eigh on a GPU stays fast to a few thousand nodes. Measure it on the device with
+# cpu: the earlier default (eigh of 2000² ≈ 1 s on the project's 2-core CPU). cuda: provisional, NOT measured
+# (no GPU was at hand); dense eigh on a GPU stays fast to a few thousand nodes. Measure it on the device with
 #   python -m speclora.bench.eigensolver --device cuda --sizes 1000 2000 4000 8000 --dense-max 8000
 # (the crossover is where dense_s meets warm_s) and override it with ``dense_threshold``.
 DENSE_THRESHOLDS: dict[str, int] = {"cpu": DENSE_THRESHOLD, "cuda": 4000}
@@ -91,23 +90,6 @@ def dense_threshold_for(device: torch.device | str) -> int:
     """The n up to which ``solver="auto"`` takes dense eigh on ``device`` (``DENSE_THRESHOLDS``)."""
     kind = torch.device(device).type
     return DENSE_THRESHOLDS.get(kind, DENSE_THRESHOLDS["cpu"])
-
-
-@contextmanager
-def ieee_float32() -> Iterator[None]:
-    """float32 products in full IEEE precision inside, whatever the process set (TF32 on CUDA, reduced
-    precision in oneDNN); restored on exit. Uses the per-backend ``fp32_precision`` settings, which read
-    and restore consistently whether the process set TF32 with the new or the legacy API."""
-    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
-                if b is not None and hasattr(b, "fp32_precision")]
-    previous = [b.fp32_precision for b in backends]
-    for b in backends:
-        b.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
-        for b, p in zip(backends, previous):
-            b.fp32_precision = p
 
 
 def _csr(L: Tensor) -> Tensor:

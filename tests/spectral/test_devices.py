@@ -130,3 +130,24 @@ def test_spectral_math_is_float32_whatever_the_training_precision(tiny_backbone,
     floats = [t for t in state_tensors(spectral).values() if t.is_floating_point() and t.layout == torch.strided]
     assert {t.dtype for t in floats} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in floats)
+
+
+def test_device_helpers():
+    from speclora.spectral.devices import broadcast_from_rank0, float32_math, move_to
+
+    t = torch.ones(3)
+    moved = move_to({"a": [t, (t, 1)], "b": None}, torch.device("meta"))
+    assert moved["a"][0].is_meta and moved["a"][1][0].is_meta and moved["a"][1][1] == 1 and moved["b"] is None
+    assert isinstance(moved["a"][1], tuple)
+
+    class Pickling:  # an object broadcast hands back the sender's tensor on the sender's device
+        def broadcast(self, obj, src=0):
+            return torch.zeros(obj.shape)  # on the CPU
+
+    assert broadcast_from_rank0(Pickling(), torch.empty(2, device="meta")).is_meta  # back on the receiver's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with float32_math(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+            assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")

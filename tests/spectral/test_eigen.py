@@ -237,7 +237,7 @@ def test_solver_choice():
 
 
 def test_ieee_float32_restores_the_process_precision():
-    from speclora.spectral.eigen import ieee_float32
+    from speclora.spectral.devices import ieee_float32
 
     before = torch.get_float32_matmul_precision()
     try:
