@@ -1,8 +1,10 @@
 """The spectral machinery of speclora: pure functions on the parameter graph (shared/DESIGN.md).
 
 graph.py (nodes, edges, statistics) → correlation.py (EMA gradient correlations, edge weights) →
-laplacian.py (L, L_sym) → eigen.py (k smallest eigenpairs) → filters.py (spectral filters, learned
-coefficients, band energy) and regularizer.py (spectral losses).
+laplacian.py (L, L_sym) → eigen.py (k smallest eigenpairs: dense eigh or LOBPCG) → filters.py (spectral
+filters, learned coefficients, band energy) and regularizer.py (spectral losses); devices.py (the state's
+device, IEEE float32 math, the rank-0 broadcast). callback.py wires them into Lightning, callback_logs.py
+is what it logs.
 """
 
 from speclora.spectral.correlation import (
@@ -15,10 +17,14 @@ from speclora.spectral.correlation import (
 )
 from speclora.spectral.eigen import (
     DENSE_THRESHOLD,
+    DENSE_THRESHOLDS,
     FALLBACK_DENSE_THRESHOLD,
+    SOLVERS,
     EigenResult,
     EigenSolverError,
     check_k,
+    dense_threshold_for,
+    ieee_float32,
     smallest_eigenpairs,
 )
 from speclora.spectral.filters import (
@@ -55,6 +61,7 @@ from speclora.spectral.regularizer import dirichlet_energy, high_pass_energy
 
 __all__ = [
     "DENSE_THRESHOLD",
+    "DENSE_THRESHOLDS",
     "EDGE_INTER_LAYER",
     "EDGE_INTER_TASK",
     "EDGE_INTRA",
@@ -62,6 +69,7 @@ __all__ = [
     "FALLBACK_DENSE_THRESHOLD",
     "KIND_A",
     "KIND_B",
+    "SOLVERS",
     "TABLE2_EDGES",
     "TABLE3_COEFFICIENTS",
     "TABLE3_EDGES",
@@ -75,6 +83,7 @@ __all__ = [
     "check_k",
     "class_subgraph",
     "coordination_response",
+    "dense_threshold_for",
     "dirichlet_energy",
     "edge_weights",
     "eigen_lr_response",
@@ -83,6 +92,7 @@ __all__ = [
     "high_pass_energy",
     "hypergradient_step",
     "hypergradient_update",
+    "ieee_float32",
     "laplacian",
     "laplacian_dense",
     "low_pass_projector",

@@ -16,6 +16,11 @@ class (n_c, p_c) and U, λ the k smallest eigenpairs of the class's Laplacian:
 The regulariser enters as its gradient, added to the adapters' gradients before the step: for a
 gradient-based optimiser this is the same as adding γ R(Θ) to the loss (logged as train/spectral/reg).
 Every part is switchable for the ablations of the paper's Table 7 (configs/methods/speclora*.yaml).
+
+Devices (docs/method.md, "Devices and precision"): Lightning calls ``setup`` before the strategy moves the
+module, so ``setup`` builds the graph on the CPU and reads no parameter; from ``on_train_start`` on, checked
+at every step hook, the whole state sits on the LoRA parameters' device (cuda:N, or wherever a checkpoint
+resumes). The spectral math runs in IEEE float32 whatever the training precision (``float32_math``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from speclora.model.lora import MultiTaskLoRALinear, lora_modules
+from speclora.spectral.callback_logs import log_refresh, log_step
 from speclora.spectral.correlation import (
     EdgeCorrelation,
     edge_weights,
@@ -40,7 +46,14 @@ from speclora.spectral.correlation import (
     stack_signals,
     unstack_signals,
 )
-from speclora.spectral.eigen import DENSE_THRESHOLD, EigenSolverError, check_k, smallest_eigenpairs
+from speclora.spectral.devices import broadcast_from_rank0, float32_math, move_to
+from speclora.spectral.eigen import (
+    SOLVERS,
+    EigenResult,
+    EigenSolverError,
+    dense_threshold_for,
+    smallest_eigenpairs,
+)
 from speclora.spectral.filters import (
     TABLE3_COEFFICIENTS,
     TABLE3_EDGES,
@@ -50,16 +63,8 @@ from speclora.spectral.filters import (
     eigen_lr_response,
     hypergradient_step,
 )
-from speclora.spectral.graph import (
-    EDGE_KINDS,
-    GraphLayout,
-    build_edges,
-    class_subgraph,
-    graph_statistics,
-    node_features,
-)
+from speclora.spectral.graph import EDGE_KINDS, GraphLayout, build_edges, class_subgraph, graph_statistics
 from speclora.spectral.laplacian import laplacian
-from speclora.spectral.visual import coordination_image
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +91,11 @@ class SpectralGraphCallback(L.Callback):
         hyper_lr: step of the multiplicative hypergradient update; hyper_clip its range.
         regularizer: ``highpass`` (γ‖(I − UUᵀ)(Θ − Θ₀)‖²), ``dirichlet`` (γ tr(ΔΘᵀ L ΔΘ)) or ``none``.
         gamma: γ of the regulariser, in [0, 1] (the paper: 0.01–0.05).
-        dense_threshold: classes of at most this many nodes use dense eigh, larger ones LOBPCG.
+        solver: ``auto`` (dense eigh for classes of at most ``dense_threshold`` nodes, warm-started LOBPCG
+            above), ``dense`` (always eigh) or ``lobpcg`` (always LOBPCG, warm-started; every class needs
+            n_c ≥ 3k, checked at set-up).
+        dense_threshold: the crossover of ``auto``; None: the training device's (``DENSE_THRESHOLDS``:
+            2000 nodes on a CPU, 4000 on a CUDA device).
         log_every: steps between spectrum / energy / coefficient logs (TensorBoard).
         heatmap_every: steps between coordination heatmaps (0: never).
         seed: seed of LOBPCG's random start (the same on every rank).
@@ -114,7 +123,8 @@ class SpectralGraphCallback(L.Callback):
         hyper_clip: tuple[float, float] = (0.1, 3.0),
         regularizer: Literal["highpass", "dirichlet", "none"] = "highpass",
         gamma: float = 0.02,
-        dense_threshold: int = DENSE_THRESHOLD,
+        solver: Literal["auto", "dense", "lobpcg"] = "auto",
+        dense_threshold: int | None = None,
         log_every: int = 50,
         heatmap_every: int = 100,
         seed: int = 0,
@@ -136,7 +146,11 @@ class SpectralGraphCallback(L.Callback):
         for key, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"SpectralGraphCallback {key}={value}; allowed: {allowed}")
+        if dense_threshold is not None and not dense_threshold >= 0:
+            raise ValueError(f"SpectralGraphCallback dense_threshold={dense_threshold}; allowed: an integer >= 0, "
+                             "or null for the training device's crossover")
         for key, value, allowed in (("edge_weighting", edge_weighting, ("correlation", "magnitude", "fixed")),
+                                    ("solver", solver, SOLVERS),
                                     ("normalization", normalization, ("sym", "none")),
                                     ("regularizer", regularizer, ("highpass", "dirichlet", "none"))):
             if value not in allowed:
@@ -158,15 +172,19 @@ class SpectralGraphCallback(L.Callback):
         self.eigen_lr, self.beta, self.sigma = eigen_lr, beta, sigma
         self.learned, self.hyper_lr, self.hyper_clip = learned, hyper_lr, tuple(hyper_clip)
         self.regularizer, self.gamma = regularizer, gamma
-        self.dense_threshold, self.log_every, self.heatmap_every, self.seed = (
-            dense_threshold, log_every, heatmap_every, seed)
-        # built in setup
+        self.solver, self.dense_threshold = solver, dense_threshold
+        self.log_every, self.heatmap_every, self.seed = log_every, heatmap_every, seed
+        # built in setup (on the CPU), moved to the parameters' device from on_train_start on
         self.layers: list[MultiTaskLoRALinear] = []
         self.layout: GraphLayout | None = None
         self.edge_index: Tensor | None = None
         self.edge_type: Tensor | None = None
         self.corr: EdgeCorrelation | None = None
         self.class_k: list[int] = []
+        self._class_edges_index: list[Tensor] = []  # per class: its edges relabelled to its rows (2, E_c)
+        self._class_edges_ids: list[Tensor] = []  # per class: their positions in edge_index (E_c,)
+        self._device = torch.device("cpu")  # where the state lives now
+        self.last_refresh: list[dict[str, Any]] = []  # per class: method, iterations, residual, seconds
         # state (state_dict): eigenpairs, learned coefficients, anchors, counters
         self.values: list[Tensor | None] = []
         self.vectors: list[Tensor | None] = []
@@ -201,34 +219,57 @@ class SpectralGraphCallback(L.Callback):
         num_tasks = self.layers[0].num_adapters
         slots = [(s.layer, s.module, s.d_in, s.d_out, self.layers[i].r) for i, s in enumerate(pl_module.slots)]
         self.layout = GraphLayout(num_tasks, slots)
-        device = pl_module.device
-        edge_index, edge_type = build_edges(self.layout, self.edge_kinds)
+        # the graph is built on the CPU: the module is not on its training device yet (see the module's doc)
+        edge_index, edge_type = build_edges(self.layout, self.edge_kinds)  # (2, E), (E,)
         if edge_index.numel() == 0:
             raise ValueError(f"the parameter graph has no edge of kinds {list(self.edge_kinds)} for {num_tasks} "
                              "task(s); add 'intra' or 'inter_layer' edges")
-        self.edge_index, self.edge_type = edge_index.to(device), edge_type.to(device)
-        self.corr = EdgeCorrelation(self.edge_index, self.layout.num_nodes, self.ema_decay,
+        self.edge_index, self.edge_type = edge_index, edge_type
+        self._device = edge_index.device
+        self.corr = EdgeCorrelation(edge_index, self.layout.num_nodes, self.ema_decay,
                                     node_class=self.layout.node_class)
-        self.class_k = []
-        for _, ids in self.layout.shape_classes:
-            n_c = ids.numel()
-            k_c = min(self.k, n_c)
-            if n_c > self.dense_threshold:
-                check_k(n_c, k_c)  # LOBPCG needs n >= 3k: a clear error now, not mid-training
-            self.class_k.append(k_c)
+        positions = torch.arange(edge_index.size(1))  # (E,)
+        self._class_edges_index, self._class_edges_ids = [], []
+        for c in range(len(self.layout.shape_classes)):
+            ei, ids = class_subgraph(self.layout, edge_index, positions, c)  # (2, E_c), (E_c,)
+            self._class_edges_index.append(ei)
+            self._class_edges_ids.append(ids)
+        self.class_k = [min(self.k, ids.numel()) for _, ids in self.layout.shape_classes]
+        # the device the strategy will train on (cuda:N under DDP): its crossover decides dense vs LOBPCG
+        self._check_solver(getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device)
         n_classes = len(self.layout.shape_classes)
         self.values, self.vectors = [None] * n_classes, [None] * n_classes
         self.h_learned = [None] * n_classes
         self.delta_prev = [None] * n_classes
+        self.theta0 = []  # taken at on_train_start, on the training device (or restored from a checkpoint)
+        self.last_refresh = []
+        self._work = {}
         self._reset_caches()
-        self.theta0 = [s.detach().clone() for s in self._signals(param=True)]
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
-        stats = graph_statistics(self.edge_index.cpu(), self.edge_type.cpu(), self.layout.num_nodes)
+        stats = graph_statistics(edge_index, edge_type, self.layout.num_nodes)
         self._graph_stats = stats
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
+
+    def _check_solver(self, device: torch.device) -> None:
+        """LOBPCG needs n_c >= 3k in every class it solves on ``device``: a clear error before training."""
+        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
+            n_c, k_c = ids.numel(), self.class_k[c]
+            if self.class_solver(n_c, device) == "lobpcg" and n_c < 3 * k_c:
+                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
+                raise ValueError(
+                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
+                    f"has n={n_c} nodes and is solved by LOBPCG on {device}, which needs n >= 3k = {3 * k_c}; "
+                    f"lower k to at most {n_c // 3}, or use {fix}")
+
+    def class_solver(self, n: int, device: torch.device | str) -> str:
+        """The solver of an n-node class on ``device``: ``dense`` or ``lobpcg`` (``auto`` resolved)."""
+        if self.solver != "auto":
+            return self.solver
+        threshold = self.dense_threshold if self.dense_threshold is not None else dense_threshold_for(device)
+        return "dense" if n <= threshold else "lobpcg"
 
     def _reset_caches(self) -> None:
         n_classes = len(self.layout.shape_classes)
@@ -236,6 +277,39 @@ class SpectralGraphCallback(L.Callback):
         self._c_delta_prev = [None] * n_classes
         self._c_theta0 = [None] * n_classes
         self._response_cache = {}
+
+    # ------------------------------------------------------------------ devices
+    def _param_device(self) -> torch.device:
+        return self.layers[0].lora_A.device
+
+    def _ensure_device(self) -> None:
+        """Bring the whole state to the LoRA parameters' device if it is elsewhere (one comparison otherwise)."""
+        device = self._param_device()
+        if device != self._device:
+            self._move_to(device)
+
+    def _move_to(self, device: torch.device) -> None:
+        """Move every tensor the callback holds to ``device``: exact copies, so a run continues bit for bit."""
+        log.info("SpectralGraphCallback: state moved from %s to %s (the LoRA parameters' device)", self._device,
+                 device)
+        self._check_solver(device)  # with solver auto, the crossover is the new device type's
+        self.edge_index, self.edge_type = move_to(self.edge_index, device), move_to(self.edge_type, device)
+        self.corr.to(device)
+        self._class_edges_index = move_to(self._class_edges_index, device)
+        self._class_edges_ids = move_to(self._class_edges_ids, device)
+        self.values, self.vectors = move_to(self.values, device), move_to(self.vectors, device)
+        self.h_learned, self.theta0 = move_to(self.h_learned, device), move_to(self.theta0, device)
+        self.delta_prev = move_to(self.delta_prev, device)
+        self._c_delta_prev, self._c_theta0 = move_to(self._c_delta_prev, device), move_to(self._c_theta0, device)
+        self._response_cache = move_to(self._response_cache, device)
+        self._theta_before = None  # views of the work buffers, which are allocated anew on the device
+        self._work = {}
+        self._device = device
+
+    def _take_theta0(self) -> None:
+        """Θ₀, the adapters at the start of training, unless a checkpoint restored it."""
+        if not self.theta0:
+            self.theta0 = [s.detach().clone() for s in self._signals(param=True)]  # [(n_c, p_c)]
 
     def _projected(self, cache: list, c: int, signal: Tensor) -> Tensor:
         """Uᵀ signal (k, p) for class c, cached until the class's eigenvectors change."""
@@ -290,9 +364,8 @@ class SpectralGraphCallback(L.Callback):
         elif self.edge_weighting == "magnitude":
             w = magnitude_weights(self.corr.magnitude(), self.edge_index, self.alpha)  # (E,)
         else:
-            w = fixed_weights(self.edge_type).to(self.edge_index.device)  # (E,)
-        ei, ew = class_subgraph(self.layout, self.edge_index, w, c)
-        return ei, ew
+            w = fixed_weights(self.edge_type)  # (E,)
+        return self._class_edges_index[c], w[self._class_edges_ids[c]]  # (2, E_c), (E_c,)
 
     def refresh(self, trainer: L.Trainer | None = None) -> bool:
         """Recompute every class's k smallest Laplacian eigenpairs, warm-started from the previous ones.
@@ -300,36 +373,47 @@ class SpectralGraphCallback(L.Callback):
         Returns False when a class has no eigenpairs to use (every solver failed on a first refresh):
         the step then goes unfiltered, the failure is logged and counted, and the next step tries again.
         """
+        start = time.perf_counter()
+        results: list[tuple[EigenResult, float, bool]] = []  # per class: result, seconds, warm-started
         for c, (_, ids) in enumerate(self.layout.shape_classes):
+            solve_start = time.perf_counter()
             ei, ew = self._class_edges(c)
-            lap = laplacian(ei, ew, ids.numel(), self.normalization)  # (n_c, n_c) sparse, float32
-            if ids.numel() <= self.dense_threshold:
-                lap = lap.to_dense()
+            n_c = ids.numel()
+            lap = laplacian(ei, ew, n_c, self.normalization)  # (n_c, n_c) sparse, float32, on the state's device
+            solver = self.class_solver(n_c, lap.device)
+            if solver == "dense":
+                lap = lap.to_dense()  # (n_c, n_c)
             try:
                 result = smallest_eigenpairs(
                     lap, self.class_k[c], X0=self.vectors[c], previous_values=self.values[c],
-                    dense_threshold=self.dense_threshold, seed=self.seed,
+                    solver=solver, seed=self.seed,
                 )
             except EigenSolverError as err:  # only when there were no previous pairs to keep
                 self.counters["solver_failed"] += 1
                 rank_zero_warn(f"spectral refresh of class {c} failed ({err}); this step is not filtered "
                                f"({self.counters['solver_failed']} failures so far)")
                 return False
+            results.append((result, time.perf_counter() - solve_start, self.vectors[c] is not None))
             if result.method in ("fallback_dense", "kept_previous"):
                 key = "fallbacks" if result.method == "fallback_dense" else "kept_previous"
                 self.counters[key] += 1
                 rank_zero_warn(f"spectral refresh of class {c}: {result.method} (residual {result.residual:.2e}); "
                                f"{self.counters[key]} so far")
-            values, vectors = result.values.to(ids.device), result.vectors.to(ids.device)
+            values, vectors = result.values, result.vectors  # (k,), (n_c, k), on the Laplacian's device
             if trainer is not None and trainer.world_size > 1:
                 # every rank must hold the same eigenpairs: rank 0's are the reference
-                values = trainer.strategy.broadcast(values, src=0)
-                vectors = trainer.strategy.broadcast(vectors, src=0)
+                values = broadcast_from_rank0(trainer.strategy, values)  # (k,)
+                vectors = broadcast_from_rank0(trainer.strategy, vectors)  # (n_c, k)
             self.values[c], self.vectors[c] = values, vectors
             self._vectors_version[c] += 1
             if self.learned and self.h_learned[c] is None:
                 self.h_learned[c] = torch.ones_like(values)
         self.counters["refreshes"] += 1
+        # host numbers only: the solver has synchronised already
+        self.last_refresh = [{"method": r.method, "warm": warm, "iterations": r.iterations, "residual": r.residual,
+                              "seconds": seconds} for r, seconds, warm in results]
+        if trainer is not None:
+            log_refresh(trainer, self.last_refresh, time.perf_counter() - start)
         return True
 
     def gradient_response(self, c: int) -> tuple[Tensor, float]:
@@ -346,7 +430,7 @@ class SpectralGraphCallback(L.Callback):
     def _gradient_response(self, values: Tensor) -> tuple[Tensor, float]:
         h, rest = torch.ones_like(values), 1.0
         if self.coordination:
-            hc, rc = coordination_response(values.numel(), self.epsilon)
+            hc, rc = coordination_response(values.numel(), self.epsilon, device=values.device)
             h, rest = h * hc.to(h), rest * rc
         if self.band_filter:
             hb, rb = band_response(values, self.band_coefficients, self.band_edges)
@@ -364,11 +448,23 @@ class SpectralGraphCallback(L.Callback):
         return h
 
     # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # the strategy has moved the module to its device by now, and a checkpoint has been restored
+        self._ensure_device()
+        self._take_theta0()
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         start = time.perf_counter()
+        self._ensure_device()
+        self._take_theta0()
+        with float32_math(self._device):
+            self._filter_step(trainer, pl_module)
+        self._time_spent += time.perf_counter() - start
+
+    def _filter_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         G = self._signals(grad=True, buffer="grad")  # [(n_c, p_c)]
         if not self.corr.update(G):
             if self.corr.num_skipped_nonfinite > self.counters["skipped_nonfinite"]:
@@ -420,8 +516,7 @@ class SpectralGraphCallback(L.Callback):
             self._theta_before = theta  # the parameters are unchanged since: only the gradients were written
             self._step_of_snapshot = step
         if energies is not None:
-            self._log(trainer, pl_module, energies)
-        self._time_spent += time.perf_counter() - start
+            log_step(self, trainer, pl_module, energies)
 
     def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ
@@ -432,65 +527,34 @@ class SpectralGraphCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
-        before = self._theta_before
-        if before is not None and trainer.global_step == self._step_of_snapshot + 1:
-            after = self._signals(param=True, buffer="after")
-            out = []
-            for c, (b, a) in enumerate(zip(before, after)):
-                # Δ (n_c, p_c): the optimizer's update, into last step's Δ tensor when there is one
-                prev = self.delta_prev[c]
-                delta = torch.sub(a, b, out=prev) if prev is not None and prev.shape == a.shape else a - b
-                self.delta_prev[c] = delta
-                U = self.vectors[c]
-                c_delta = U.T @ delta  # (k, p_c)
-                self._c_delta_prev[c] = (self._vectors_version[c], c_delta)
-                h = self.update_response(c)
-                # Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ) = Θ_after + U diag(h_u − 1) Uᵀ Δ
-                out.append(a.addmm_(U, (h - 1).unsqueeze(1) * c_delta) if h is not None else a)
-            self._write(out, grad=False)
-            self._theta_before = None
+        self._ensure_device()
+        if self._theta_before is not None and trainer.global_step == self._step_of_snapshot + 1:
+            with float32_math(self._device):
+                self._filter_update()
         now = time.perf_counter()
         self._time_spent += now - start
         self._time_total += now - self._batch_start
         if trainer.global_step % self.log_every == 0 and self._time_total > 0:
             pl_module.log("train/spectral/time_share", self._time_spent / self._time_total, batch_size=1)
 
-    # ------------------------------------------------------------------ logging
-    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, energies: list[Tensor]) -> None:
-        """energies: per class, ``band_energy`` of this step's raw gradients (B + 1,)."""
-        step = trainer.global_step
-        for key, value in self.counters.items():
-            pl_module.log(f"train/spectral/{key}", float(value), batch_size=1)
-        experiment = getattr(trainer.logger, "experiment", None)
-        for c, energy in enumerate(energies):
-            values = self.values[c]
-            share = energy / energy.sum().clamp_min(1e-30)
-            for b, e in enumerate(share.tolist()):
-                name = f"band{b}" if b < share.numel() - 1 else "beyond_k"
-                pl_module.log(f"train/spectral/class{c}/energy_{name}", e, batch_size=1)
-            pl_module.log(f"train/spectral/class{c}/lambda_2", float(values[1]) if values.numel() > 1 else 0.0,
-                          batch_size=1)
-            if experiment is not None and hasattr(experiment, "add_histogram"):
-                experiment.add_histogram(f"spectral/class{c}/eigenvalues", values.cpu(), step)
-                h, rest = self.gradient_response(c)
-                experiment.add_histogram(f"spectral/class{c}/gradient_response", h.cpu(), step)
-                hu = self.update_response(c)
-                if hu is not None:
-                    experiment.add_histogram(f"spectral/class{c}/update_response", hu.cpu(), step)
-        if experiment is not None and hasattr(experiment, "add_histogram"):
-            # node features (§3.1): Frobenius, spectral, nuclear norm, condition number of every LoRA matrix
-            feats = node_features([m.lora_A.detach().float() for m in self.layers],
-                                  [m.lora_B.detach().float() for m in self.layers])  # (n, 4)
-            for j, name in enumerate(("frobenius", "spectral", "nuclear", "condition")):
-                experiment.add_histogram(f"spectral/node/{name}", feats[:, j].cpu(), step)
-        if experiment is not None and hasattr(experiment, "add_image") and self.heatmap_every and (
-                step % self.heatmap_every == 0):
-            image = coordination_image(self.corr.rho().cpu(), self.edge_index.cpu(), self.layout)
-            experiment.add_image("spectral/coordination", image, step)
-        if step == 0 and experiment is not None and hasattr(experiment, "add_scalar"):
-            for kind, stats in self._graph_stats.items():
-                for key, value in stats.items():
-                    experiment.add_scalar(f"spectral/graph/{kind}/{key}", value, 0)
+    def _filter_update(self) -> None:
+        """Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ) on the optimizer's update Δ."""
+        before = self._theta_before
+        after = self._signals(param=True, buffer="after")
+        out = []
+        for c, (b, a) in enumerate(zip(before, after)):
+            # Δ (n_c, p_c): the optimizer's update, into last step's Δ tensor when there is one
+            prev = self.delta_prev[c]
+            delta = torch.sub(a, b, out=prev) if prev is not None and prev.shape == a.shape else a - b
+            self.delta_prev[c] = delta
+            U = self.vectors[c]
+            c_delta = U.T @ delta  # (k, p_c)
+            self._c_delta_prev[c] = (self._vectors_version[c], c_delta)
+            h = self.update_response(c)
+            # Θ ← Θ_before + U diag(h_u) Uᵀ Δ + (Δ − U Uᵀ Δ) = Θ_after + U diag(h_u − 1) Uᵀ Δ
+            out.append(a.addmm_(U, (h - 1).unsqueeze(1) * c_delta) if h is not None else a)
+        self._write(out, grad=False)
+        self._theta_before = None
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -519,14 +583,15 @@ class SpectralGraphCallback(L.Callback):
         if state["num_nodes"] != self.layout.num_nodes:
             raise ValueError(f"checkpoint's spectral state has {state['num_nodes']} nodes, this model's graph "
                              f"{self.layout.num_nodes}: the tasks, targets or rank differ")
-        device = self.edge_index.device
+        # a checkpoint's tensors come where torch.load put them (Lightning: the CPU); they go where the LoRA
+        # parameters are now (and follow them from on_train_start on)
+        self._ensure_device()
+        device = self._device
         self.corr.load_state_dict(state["corr"])
 
-        def move(xs):
-            return [x.to(device) if x is not None else None for x in xs]
-
-        self.values, self.vectors = move(state["values"]), move(state["vectors"])
-        self.h_learned, self.delta_prev = move(state["h_learned"]), move(state["delta_prev"])
-        self.theta0 = move(state["theta0"])
+        self.values, self.vectors = move_to(list(state["values"]), device), move_to(list(state["vectors"]), device)
+        self.h_learned = move_to(list(state["h_learned"]), device)
+        self.delta_prev = move_to(list(state["delta_prev"]), device)
+        self.theta0 = move_to(list(state["theta0"]), device)
         self.counters.update(state["counters"])
         self._reset_caches()

@@ -181,6 +181,22 @@ class EdgeCorrelation:
         self.num_skipped_nonfinite = 0
         self.num_skipped_zero = 0
 
+    @property
+    def device(self) -> torch.device:
+        return self.pair_ema.device
+
+    def to(self, device: torch.device | str) -> EdgeCorrelation:
+        """Move the edge structure and the EMAs to ``device`` (in place, exact copies); returns self."""
+        device = torch.device(device)
+        self.pair_index, self.edge_to_pair = self.pair_index.to(device), self.edge_to_pair.to(device)
+        self.pair_ema, self.norm_ema = self.pair_ema.to(device), self.norm_ema.to(device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": known, used on purpose
+            warnings.simplefilter("ignore")
+            for name in ("class_nodes", "class_pairs", "class_pair_rows", "class_pattern", "class_pattern_order"):
+                setattr(self, name, [t.to(device) for t in getattr(self, name)])
+        self.use_sddmm = True  # the new device may have the SDDMM kernel: tried again
+        return self
+
     def _dots(self, G: Tensor, c: int) -> Tensor:
         """⟨g_i, g_j⟩ for the pairs of class c, G (n_c, p) → (P_c,), in ``class_pair_rows[c]`` order."""
         if self.use_sddmm:

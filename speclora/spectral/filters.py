@@ -59,11 +59,13 @@ def spectral_filter(G: Tensor, U: Tensor, h: Tensor, h_rest: float = 1.0) -> Ten
     return out.to(G.dtype)
 
 
-def coordination_response(k: int, epsilon: float) -> tuple[Tensor, float]:
-    """Gradient coordination (§3.3): g' = P_low g + ε P_high g, i.e. h = 1 (k,), h_rest = ε ≪ 1."""
+def coordination_response(
+    k: int, epsilon: float, device: torch.device | str | None = None
+) -> tuple[Tensor, float]:
+    """Gradient coordination (§3.3): g' = P_low g + ε P_high g, i.e. h = 1 (k,) on ``device``, h_rest = ε ≪ 1."""
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon (high-frequency share kept) must be in [0, 1], got {epsilon}")
-    return torch.ones(k), float(epsilon)
+    return torch.ones(k, device=device), float(epsilon)
 
 
 def _bands(values: Tensor, num_bands: int, edges: Sequence[float] | None) -> Tensor:

@@ -16,9 +16,9 @@ from speclora.spectral.graph import GraphLayout
 
 
 def correlation_matrix(rho: Tensor, edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Dense (n, n) ρ with ρ_ii = 1 and 0 where there is no edge. rho: (E,), edge_index: (2, E)."""
-    R = torch.zeros(num_nodes, num_nodes)  # (n, n)
-    R[edge_index[0], edge_index[1]] = rho.float()
+    """Dense (n, n) ρ with ρ_ii = 1 and 0 where there is no edge, on rho's device. rho: (E,), edge_index: (2, E)."""
+    R = torch.zeros(num_nodes, num_nodes, device=rho.device)  # (n, n)
+    R[edge_index[0].to(rho.device), edge_index[1].to(rho.device)] = rho.float()
     R.fill_diagonal_(1.0)
     return R
 
@@ -31,7 +31,7 @@ def task_layer_order(layout: GraphLayout) -> Tensor:
 
 def cluster_order(R: Tensor) -> Tensor:
     """Leaf order of average-linkage hierarchical clustering on the distance 1 − |ρ|."""
-    D = (1.0 - R.abs()).clamp_min(0).numpy().astype(np.float64)  # (n, n)
+    D = (1.0 - R.abs()).clamp_min(0).cpu().numpy().astype(np.float64)  # (n, n)
     np.fill_diagonal(D, 0.0)
     D = (D + D.T) / 2
     if D.shape[0] < 2:
@@ -54,7 +54,7 @@ def coordination_image(rho: Tensor, edge_index: Tensor, layout: GraphLayout, sca
 
     Returns (3, n·scale, (2n + 2)·scale) in [0, 1], nearest-neighbour upscaled by ``scale``.
     """
-    R = correlation_matrix(rho, edge_index, layout.num_nodes)  # (n, n)
+    R = correlation_matrix(rho, edge_index, layout.num_nodes).cpu()  # (n, n): drawn on the host
     left = task_layer_order(layout)
     right = cluster_order(R)
     panels = [diverging(R[left][:, left]), torch.ones(3, R.size(0), 2), diverging(R[right][:, right])]
