@@ -7,6 +7,10 @@
 - :func:`count_events`: per-step counts of a profiled region (``torch.profiler``): host reads (ops that
   make the host wait for the device: ``item``, ``nonzero``, ``unique``, ...), aten operator calls, leaf
   aten ops (≈ the kernels a CPU runs), and on a GPU the CUDA runtime's kernel launches and synchronisations.
+  The optimizer's reads of its step counters (``torch.optim``'s ``_get_value``: one ``item()`` per parameter
+  tensor per step) are not host reads: those counters live on the CPU on every device (AdamW without
+  ``capturable``/``fused``), so on a GPU they wait for nothing. Telling them apart needs the Python stack,
+  hence ``with_stack=True`` in :func:`profiler`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ HOST_READ_OPS = frozenset({
 CUDA_LAUNCHES = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                            "cudaLaunchCooperativeKernel", "cudaGraphLaunch"})
 CUDA_SYNCS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"})
+OPTIMIZER_COUNTER = "torch/optim/optimizer.py"  # the frame of ``_get_value``, the read of a CPU step counter
 
 
 def machine_devices() -> str:
@@ -94,7 +99,7 @@ def command(module: str, argv: Sequence[str], **options: object) -> str:
 def count_events(events: Iterable, steps: int) -> dict[str, float]:
     """Per-step counts of a profiled region of ``steps`` steps, from ``torch.profiler.profile().events()``.
 
-    host_reads: outermost :data:`HOST_READ_OPS` calls; aten_ops: every aten call (nested ones included);
+    host_reads: outermost :data:`HOST_READ_OPS` calls (the optimizer's step counters aside); aten_ops: every aten call (nested ones included);
     leaf_ops: aten calls with no aten call inside (≈ kernels on a CPU); on a GPU also cuda_launches (runtime
     kernel launches) and cuda_syncs (runtime synchronisations, blocking copies included).
     """
@@ -106,7 +111,7 @@ def count_events(events: Iterable, steps: int) -> dict[str, float]:
             counts["aten_ops"] += 1
             if not any(c.name.startswith("aten::") for c in e.cpu_children):
                 counts["leaf_ops"] += 1
-            if name in HOST_READ_OPS and not _inside(e, HOST_READ_OPS):
+            if name in HOST_READ_OPS and not _inside(e, HOST_READ_OPS) and not _optimizer_counter(e):
                 counts["host_reads"] += 1
         elif name in CUDA_LAUNCHES:
             counts["cuda_launches"] += 1
@@ -119,6 +124,15 @@ def count_events(events: Iterable, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in counts.items()}
 
 
+def _optimizer_counter(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if OPTIMIZER_COUNTER in parent.name and parent.name.endswith(": _get_value"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def _inside(event, names: frozenset[str]) -> bool:
     parent = event.cpu_parent
     while parent is not None:
@@ -128,14 +142,19 @@ def _inside(event, names: frozenset[str]) -> bool:
     return False
 
 
-def profile_steps(step: Callable[[], object], steps: int, device: torch.device | str) -> dict[str, float]:
-    """Run ``step`` ``steps`` times under torch.profiler (CPU, and CUDA on a GPU); :func:`count_events` per step."""
+def profiler(device: torch.device | str):
+    """A torch.profiler for :func:`count_events`: CPU ops (and CUDA on a GPU), with Python stacks."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if torch.device(device).type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
+    return profile(activities=activities, with_stack=True)
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device | str) -> dict[str, float]:
+    """Run ``step`` ``steps`` times under :func:`profiler`; :func:`count_events` per step."""
+    with profiler(device) as prof:
         for _ in range(steps):
             step()
     return count_events(prof.events(), steps)

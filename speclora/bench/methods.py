@@ -76,10 +76,7 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
                 measure.synchronize(device)
                 self.times.append(time.perf_counter() - self.t)
             if batch_idx == steps - 1 and counted:
-                from torch.profiler import ProfilerActivity, profile
-
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-                self.prof = profile(activities=activities)
+                self.prof = measure.profiler(device)
                 self.prof.start()
             elif batch_idx == steps + counted - 1 and self.prof is not None:
                 self.prof.stop()

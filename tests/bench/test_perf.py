@@ -184,11 +184,15 @@ def test_check_device_names_what_is_allowed():
 # ---------------------------------------------------------------------- the pieces
 def test_count_events_counts_each_host_read_once():
     x = torch.arange(-3.0, 5.0)
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w, torch.nn.Parameter(torch.ones(2))])
 
     def step():
         x.sum().item()  # _local_scalar_dense
         x[x > 0]  # index with a mask: nonzero inside, counted once
         torch.unique(x)  # _unique2
+        w.sum().backward()
+        opt.step()  # reads its CPU step counters (one item() per parameter): not host reads
 
     counts = measure.profile_steps(step, 2, "cpu")
     assert counts["host_reads"] == 3.0
