@@ -15,9 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -44,6 +46,21 @@ def machine_devices() -> str:
         return f"no CUDA device (torch {torch.__version__}, {built}); {cpus}"
     names = ", ".join(f"cuda:{i} = {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))
     return f"{torch.cuda.device_count()} CUDA device(s) ({names}); {cpus}"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set in MiB: VmHWM, which starts afresh at exec.
+
+    Not ``getrusage().ru_maxrss``: Linux keeps that across execve, so a child started by a large parent (the
+    perf run, holding models) would report the parent's resident set instead of its own.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
 
 
 def check_device(value: str, option: str = "--device") -> torch.device:

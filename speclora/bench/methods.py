@@ -5,7 +5,7 @@
 
 Each method trains on the same batches of the default suite (10 tasks, batch 32) through the real Lightning
 loop (the method's callbacks included). With ``--isolation process`` (the default) each method runs in a
-process of its own, so that peak memory (the process's maximum resident set on a CPU,
+process of its own, so that peak memory (the process's peak resident set, VmHWM, on a CPU,
 ``torch.cuda.max_memory_allocated`` on a GPU) belongs to that method alone; ``inline`` runs them one after
 another in this process (no start-up per method; peak memory is then measured on a GPU only, where the
 allocator's peak is reset per method). The first step is warm-up; the step time is the median of steps
@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -102,7 +101,7 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     elif args.isolation == "process":
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+        peak = measure.peak_rss_mib()
     else:
         peak = None  # a process's resident peak is not one method's when several run in it
     counts = module.trainable_parameters()

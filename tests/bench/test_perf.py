@@ -235,3 +235,16 @@ def test_quick_report_on_cuda(tiny_backbone, data_root, token_cache, tmp_path):
     assert [s["status"] for s in report["sections"]] == ["ok"] * 4
     steps = _records(report, "throughput")
     assert all("cuda_launches" in r["figures"] and "cuda_syncs" in r["figures"] for r in steps)
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    import subprocess
+    import sys
+
+    ballast = b"\x01" * (400 * 2**20)  # the parent holds 400 MiB more than the child will ever touch
+    parent = measure.peak_rss_mib()
+    code = "from speclora.bench.measure import peak_rss_mib; print(peak_rss_mib())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(perf.REPO)})
+    del ballast
+    assert float(out.stdout) < parent - 300  # getrusage's ru_maxrss would report the parent's, kept across exec
