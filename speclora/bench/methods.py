@@ -9,9 +9,9 @@ process of its own, so that peak memory (the process's peak resident set, VmHWM,
 ``torch.cuda.max_memory_allocated`` on a GPU) belongs to that method alone; ``inline`` runs them one after
 another in this process (no start-up per method; peak memory is then measured on a GPU only, where the
 allocator's peak is reset per method). The first step is warm-up; the step time is the median of steps
-2..``--steps``. Then ``--count-steps`` more steps run under torch.profiler, from the end of one step to the end
-of the last (the batch's transfer and Lightning's own work included, no timing synchronisations), and their
-per-step counts are printed: host reads (ops whose value the host waits for), aten ops and, on a GPU, CUDA
+2..``--steps``; the peak memory is read after them. Then ``--count-steps`` more steps run under torch.profiler,
+from the end of one step to the end of the last (the batch's transfer and Lightning's own work included, no
+timing synchronisations), and their per-step counts are printed: host reads (ops whose value the host waits for), aten ops and, on a GPU, CUDA
 kernel launches and synchronisations (speclora.bench.measure). All methods run in one invocation and the
 ratios are taken against `independent` from the same invocation.
 """
@@ -57,12 +57,21 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
         torch.cuda.reset_peak_memory_stats(device)
     module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method=get_method(name))  # speclora adds its callback
 
+    def peak_mib() -> float | None:
+        if device.type == "cuda":
+            return torch.cuda.max_memory_allocated(device) / 2**20
+        if args.isolation == "process":
+            return measure.peak_rss_mib()
+        return None  # a process's resident peak is not one method's when several run in it
+
     class Clock(L.Callback):
-        """Times steps 0..steps-1 (device synchronised), then profiles ``counted`` steps without synchronising."""
+        """Times steps 0..steps-1 (device synchronised) and reads the peak memory after them (the profiler's
+        own records would count otherwise: GBs for ortho), then profiles ``counted`` steps without synchronising."""
 
         def __init__(self) -> None:
             self.times: list[float] = []
             self.counts: dict[str, float] = {}
+            self.peak: float | None = None
             self.prof = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -74,6 +83,8 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
             if batch_idx < steps:
                 measure.synchronize(device)
                 self.times.append(time.perf_counter() - self.t)
+            if batch_idx == steps - 1:
+                self.peak = peak_mib()
             if batch_idx == steps - 1 and counted:
                 self.prof = measure.profiler(device)
                 self.prof.start()
@@ -98,16 +109,10 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[clock], use_distributed_sampler=False)
     trainer.fit(module, datamodule=Fixed())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    elif args.isolation == "process":
-        peak = measure.peak_rss_mib()
-    else:
-        peak = None  # a process's resident peak is not one method's when several run in it
     counts = module.trainable_parameters()
     row = {"method": name, "trainable": counts["trainable"], "encoder_side": counts["encoder_side"],
            "method_modules": counts["method"], "step_s": statistics.median(clock.times[1:] or clock.times),
-           "peak_mib": peak, **clock.counts}
+           "peak_mib": clock.peak, **clock.counts}
     del trainer, module
     gc.collect()
     if device.type == "cuda":
