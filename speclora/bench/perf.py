@@ -189,11 +189,16 @@ def load_average() -> str:
 
 
 class Report:
-    """The report's state; :meth:`write` rewrites ``perf.json`` and ``perf.md`` from it."""
+    """The report's state; :meth:`write` rewrites ``perf.json`` and ``perf.md`` from it.
 
-    def __init__(self, out: Path, meta: dict[str, Any]) -> None:
+    threads: the run's ``--threads``; every command then starts with ``OMP_NUM_THREADS=N`` (torch's threads at
+    start-up), so that it measures under the same setting.
+    """
+
+    def __init__(self, out: Path, meta: dict[str, Any], threads: int | None = None) -> None:
         self.out = out
         self.meta = meta
+        self.prefix = f"OMP_NUM_THREADS={threads} " if threads is not None else ""
         self.sections: list[dict[str, Any]] = []
 
     def begin(self, section: Section, limit: float) -> None:
@@ -202,7 +207,7 @@ class Report:
         self.write()
 
     def add(self, record: dict[str, Any]) -> None:
-        self.sections[-1]["records"].append(record)
+        self.sections[-1]["records"].append({**record, "command": self.prefix + record["command"]})
         self.write()
 
     def end(self, status: str, elapsed: float, message: str = "") -> None:
@@ -389,7 +394,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m speclora.benc
                 "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
                 "versions": versions(), "backbone": backbone, "deadline_s": deadline,
                 "load average (start)": load_average()}
-        return run_sections(sections, limits, deadline, Report(out, meta))
+        return run_sections(sections, limits, deadline, Report(out, meta, threads))
     finally:
         torch.set_num_threads(saved[0])
         if saved[1] is None:

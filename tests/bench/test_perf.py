@@ -48,7 +48,7 @@ def test_quick_report_has_every_figure_finite_with_its_command(tiny_backbone, da
         assert sec["status"] == "ok", sec
         assert sec["records"], sec["name"]
         for rec in sec["records"]:
-            assert rec["command"].startswith("python -m speclora.bench."), rec
+            assert rec["command"].startswith("OMP_NUM_THREADS=1 python -m speclora.bench."), rec  # --quick: 1 thread
             assert f"`{rec['command']}`" in md
             assert rec["figures"] and not rec["failures"], rec
             assert all(isinstance(v, int | float) and math.isfinite(v) for v in rec["figures"].values()), rec
@@ -80,7 +80,7 @@ def test_quick_report_has_every_figure_finite_with_its_command(tiny_backbone, da
 
     # a row's command measures that row again: same graph, same solve
     row = scaling[0]
-    args = eigensolver.parse_args(shlex.split(row["command"])[3:])
+    args = eigensolver.parse_args(shlex.split(row["command"])[4:])
     assert len(args.sizes) == 1 and args.graph == [row["labels"]["graph"]]
     again = eigensolver.measure_one(args, args.graph[0], args.sizes[0], torch.device("cpu"))
     assert (again["n"], again["E"]) == (row["labels"]["n"], row["labels"]["E"])
