@@ -347,6 +347,9 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["perf"]:  # the performance report (speclora.bench.perf) has a parser of its own
+        from speclora.bench.perf import main as perf
+        return perf(argv[1:], prog="speclora-bench perf")
     args = _parser().parse_args(argv)
     if args.command == "quality":
         quality(args, argv)

@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from collections.abc import Callable
 
 import lightning as L
 import torch
 
+from speclora.bench import measure
 from speclora.data.datamodule import DEFAULT_SUITE, MultiTaskDataModule
 from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
+
+MODULE = "speclora.bench.spectral_overhead"
 
 
 class StepTimer(L.Callback):
@@ -93,38 +98,23 @@ def hook_times(backbone: str, repeat: int) -> dict[str, float]:
         "EMA correlations": lambda: callback.corr.update(grads),
         "refresh (every refresh_every steps)": lambda: callback.refresh(None),
         "on_before_optimizer_step": before_step,
-        "on_train_batch_end": lambda: (before_step(), after_step()),
+        "on_train_batch_end": after_step,
     }
     times = {}
     for name, fn in pieces.items():
-        fn()
-        start = time.perf_counter()
-        for _ in range(repeat):
+        total = 0.0
+        for i in range(repeat + 1):  # the first call is warm-up
+            if name == "on_train_batch_end":
+                before_step()  # the snapshot it filters against, untimed
+            start = time.perf_counter()
             fn()
-        times[name] = (time.perf_counter() - start) / repeat * 1000
-    times["on_train_batch_end"] -= times["on_before_optimizer_step"]  # it needs a snapshot from the hook before
+            total += (time.perf_counter() - start) if i else 0.0
+        times[name] = total / repeat * 1000
     return times
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="default")
-    parser.add_argument("--data-dir", default=None, help="default: $SPECLORA_DATA")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=12, help="steps per run (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--refresh-every", type=int, default=20)
-    parser.add_argument("--accelerator", default="auto")
-    parser.add_argument("--hooks", action="store_true", help="time the callback's hooks directly, no training")
-    parser.add_argument("--repeat", type=int, default=20, help="calls per hook with --hooks")
-    args = parser.parse_args(argv)
-    if args.hooks:
-        times = hook_times(args.backbone, args.repeat)
-        print(f"backbone={args.backbone} tasks={len(DEFAULT_SUITE)} repeat={args.repeat} (ms per call)")
-        for name, ms in times.items():
-            print(f"{name:40s}: {ms:8.2f} ms")
-        return
-
+def run(args: argparse.Namespace, emit: Callable[[dict], None] | None = None) -> dict[str, float]:
+    """The ABBA rounds (module docstring); prints the summary, emits one report record, returns its figures."""
     datamodule = MultiTaskDataModule(tasks=DEFAULT_SUITE, data_dir=args.data_dir, tokenizer=args.backbone,
                                      batch_size=args.batch_size, max_eval_per_task=8)
     datamodule.prepare_data()
@@ -150,16 +140,59 @@ def main(argv: list[str] | None = None) -> None:
         shares.append(callback._time_spent / max(callback._time_total, 1e-9))
     n_nodes = callback.layout.num_nodes
     p_plain, p_spec = statistics.median(plain), statistics.median(spec)
+    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    figures = {"paired_ratio": statistics.median(paired), "paired_q1": q[0], "paired_q3": q[2], "pairs": len(paired),
+               "ratio_of_medians": p_spec / p_plain, "own_share": statistics.mean(shares),
+               "plain_ms": p_plain * 1000, "spectral_ms": p_spec * 1000}
     print(f"backbone={args.backbone} tasks={len(DEFAULT_SUITE)} batch={args.batch_size} nodes={n_nodes} "
           f"k={callback.k} refresh_every={args.refresh_every} steps/run={args.steps} rounds={args.rounds} "
           f"device={spectral_module.device}")
     print(f"median step without callback : {p_plain * 1000:9.1f} ms  ({len(plain)} steps)")
     print(f"median step with callback    : {p_spec * 1000:9.1f} ms  ({len(spec)} steps)")
-    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
-    print(f"paired ratio, median (IQR)   : {statistics.median(paired):9.4f}  ({q[0]:.4f}-{q[2]:.4f}; "
+    print(f"paired ratio, median (IQR)   : {figures['paired_ratio']:9.4f}  ({q[0]:.4f}-{q[2]:.4f}; "
           f"{len(paired)} same-batch pairs; goal <= 1.01)")
-    print(f"ratio of medians             : {p_spec / p_plain:9.4f}")
-    print(f"callback's own share of step : {statistics.mean(shares):9.4f}  (timed inside the callback)")
+    print(f"ratio of medians             : {figures['ratio_of_medians']:9.4f}")
+    print(f"callback's own share of step : {figures['own_share']:9.4f}  (timed inside the callback)", flush=True)
+    if emit is not None:
+        labels = {"batch": args.batch_size, "nodes": n_nodes, "k": callback.k, "refresh_every": args.refresh_every,
+                  "device": str(spectral_module.device)}
+        emit(measure.record("spectral overhead", labels, figures, measure.command(MODULE, args.argv)))
+    return figures
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="default")
+    parser.add_argument("--data-dir", default=None, help="default: $SPECLORA_DATA")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12, help="steps per run (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--refresh-every", type=int, default=20)
+    parser.add_argument("--accelerator", default="auto", help="auto, cpu or gpu (Lightning's accelerator)")
+    parser.add_argument("--hooks", action="store_true", help="time the callback's hooks directly, no training")
+    parser.add_argument("--repeat", type=int, default=20, help="calls per hook with --hooks")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if args.accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        parser.error(f"--accelerator={args.accelerator!r}; allowed: auto, cpu, gpu, cuda")
+    if args.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        parser.error(f"--accelerator={args.accelerator!r}: this machine has {measure.machine_devices()}; "
+                     "use --accelerator cpu")
+    if args.steps < 2 or args.rounds < 1:
+        parser.error(f"--steps must be >= 2 (the first is warm-up) and --rounds >= 1, got {args.steps}, {args.rounds}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.hooks:
+        times = hook_times(args.backbone, args.repeat)
+        print(f"backbone={args.backbone} tasks={len(DEFAULT_SUITE)} repeat={args.repeat} (ms per call)")
+        for name, ms in times.items():
+            print(f"{name:40s}: {ms:8.2f} ms")
+        return
+    run(args)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import math
 import re
 
 import pytest
+import torch
 
-from speclora.bench import eigensolver, methods, spectral_overhead
+from speclora.bench import eigensolver, methods, spectral_overhead, throughput
 
 
 @pytest.fixture
@@ -44,15 +45,17 @@ def test_eigensolver_warm_solves_pass_the_residual_check(capsys):
 
 def test_methods_prints_costs_relative_to_independent(tiny_backbone, data_root, token_cache, capsys):
     methods.main(["--backbone", tiny_backbone, "--data-dir", str(data_root), "--steps", "2", "--batch-size", "8",
-                  "--methods", "independent", "shared"])
+                  "--methods", "shared", "--count-steps", "1"])  # independent, the reference, is added first
     out = capsys.readouterr().out
-    rows = {cells[1].strip(): cells for cells in (line.split("|") for line in out.splitlines())
-            if len(cells) > 6 and cells[1].strip() in ("independent", "shared")}
-    assert set(rows) == {"independent", "shared"}, out
+    lines = [line.split("|") for line in out.splitlines() if line.startswith("|")]
+    head = [c.strip() for c in lines[0]]
+    rows = {cells[1].strip(): cells for cells in lines[2:]}
+    assert list(rows) == ["independent", "shared"], out
     assert float(rows["independent"][4]) == 1.0  # the reference
     trainable = {m: int(r[2].replace(",", "")) for m, r in rows.items()}
     assert trainable["shared"] < trainable["independent"]  # one adapter instead of one per task
-    assert math.isfinite(float(rows["shared"][4])) and float(rows["shared"][6]) > 0
+    assert math.isfinite(float(rows["shared"][4])) and float(rows["shared"][6]) > 0  # peak memory, own process
+    assert float(rows["shared"][head.index("aten_ops")]) > 0  # the profiled step's operator count
 
 
 def test_spectral_overhead_hooks_prints_each_piece(tiny_backbone, data_root, token_cache, capsys):
@@ -60,3 +63,24 @@ def test_spectral_overhead_hooks_prints_each_piece(tiny_backbone, data_root, tok
     out = capsys.readouterr().out
     for label in ("stack gradients", "EMA correlations", "on_before_optimizer_step", "on_train_batch_end"):
         assert 0.0 < _value(out, label) < 10_000
+
+
+def test_throughput_prints_each_variant_and_the_ratios(tiny_backbone, data_root, token_cache, capsys):
+    throughput.main(["--backbone", tiny_backbone, "--data-dir", str(data_root), "--batch-size", "4", "--steps", "1",
+                     "--rounds", "1", "--variants", "independent", "peft", "infer", "infer-peft", "--precisions",
+                     "fp32", "bf16"])
+    out = capsys.readouterr().out
+    assert out.count("stacked / plain peft LoRA training") == 2  # one per precision
+    for label in ("stacked / plain peft LoRA training", "stacked / peft mixed-batch inference"):
+        match = re.search(rf"{re.escape(label)}\s*=\s*([0-9.]+)", out)
+        assert match and 0.0 < float(match.group(1)) < 1000, out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["independent"], ["infer-peft"])]
+    assert len(rows) == 4 and all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)  # ms/step, samples/s
+
+
+def test_throughput_tf32_needs_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message of a machine without CUDA")
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--device", "cpu", "--precisions", "tf32"])
+    assert "--precisions tf32" in capsys.readouterr().err
