@@ -510,6 +510,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
+    def _pin_memory(self) -> bool:
+        """Page-locked batches when training on a CUDA device: their copy to the device does not block."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _collator(self) -> MultiTaskCollator:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return MultiTaskCollator(pad_id, self.padding, self.max_length, self.pad_to_multiple_of)
@@ -535,6 +540,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             collate_fn=self._collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
             # its own generator: creating the iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -554,6 +560,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                 sampler=_ShardSampler(len(part), rank, world),
                 collate_fn=_EntryCollator(collate, name),
                 num_workers=self.num_workers,
+                pin_memory=self._pin_memory(),
                 # its own generator: evaluation must not draw from the global RNG (dropout after resume)
                 generator=torch.Generator().manual_seed(self.seed),
             )

@@ -250,3 +250,19 @@ def test_lightning_steps_between_logging_steps_read_nothing_back(tiny_backbone, 
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(losses[6], rel=1e-6)  # the last step
     assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(losses[6], rel=1e-6)
     assert float(trainer.callback_metrics["train/skipped_steps"]) == 0
+
+
+def test_step_state_follows_the_module_to_another_device(tiny_backbone, batches):
+    # the caches and device sums made on the first device must not be reused on the next: on `meta`, a stale
+    # CPU tensor would raise "Expected all tensors to be on the same device"
+    module = _module(tiny_backbone)
+    optimizer = _optimizer(module)
+    _step(module, optimizer, batches[0])  # CPU: lookup cache, loss sums, non-finite flag
+    module.to("meta")
+    batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batches[1].items()}
+    loss = module.training_step(batch, 1)
+    loss.backward()
+    module.on_before_optimizer_step(optimizer)  # the device flag, handed to the (fused) optimizer
+    assert loss.device.type == "meta" and optimizer.found_inf.device.type == "meta"
+    assert module._guard.found_inf.device.type == "meta" and module._train_log._base.device.type == "meta"
+    assert all(t.device.type == "meta" for t in module.heads._slot_cache[(batch["present_tasks"], loss.device)])
