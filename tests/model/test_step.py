@@ -48,9 +48,24 @@ def _step(module: SpecLoRAModule, optimizer, batch) -> torch.Tensor:
     return loss.detach()
 
 
-@pytest.mark.parametrize("method", ["independent", "shared"])
-def test_a_steady_state_training_step_reads_nothing_back_from_the_device(tiny_backbone, batches, method):
-    module = _module(tiny_backbone, method=method)
+@pytest.fixture(scope="module")
+def copa_batches(tiny_backbone, data_root, tmp_path_factory):
+    dm = MultiTaskDataModule(tasks=["copa"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
+                             batch_size=8, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"),
+                             max_train_per_task=64, max_eval_per_task=8)
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    return [next(it) for _ in range(3)]
+
+
+@pytest.mark.parametrize("method", ["independent", "shared", "single"])
+def test_a_steady_state_training_step_reads_nothing_back_from_the_device(tiny_backbone, batches, copa_batches,
+                                                                         method):
+    if method == "single":  # one task alone (COPA: the choice head)
+        torch.manual_seed(0)
+        module, batches = SpecLoRAModule(["copa"], backbone=tiny_backbone, method=method), copa_batches
+    else:
+        module = _module(tiny_backbone, method=method)
     optimizer = _optimizer(module)
     for batch in batches[:2]:  # warm-up: optimizer state, lookup caches
         _step(module, optimizer, batch)
@@ -161,6 +176,16 @@ def test_bf16_frozen_encoder_keeps_adapters_heads_and_moments_in_fp32(tiny_backb
     optimizer = _optimizer(module)
     optimizer.step()
     assert all(v.dtype == torch.float32 for s in optimizer.state.values() for k, v in s.items() if k != "step")
+
+
+@pytest.mark.parametrize("method", ["ortho", "unolora_star", "hyperformer", "speclora", "adalora", "mtlora"])
+def test_every_lora_method_trains_on_a_bf16_frozen_encoder(tiny_backbone, batches, method):
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=method, encoder_dtype="bfloat16")
+    loss, _ = module.batch_loss(batches[0])
+    loss.backward()
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in trainable)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
 def test_encoder_dtype_is_checked(tiny_backbone):
