@@ -210,7 +210,7 @@ class TaskHeads(nn.Module):
         """(N, C) float32 logits of each row's own task head; columns past C_t hold 0.
 
         pooled: (N, H); seq_task: (N,) task of each row, every one of them in ``tasks`` (sorted, host side).
-        With the P heads of ``tasks`` stacked, W1: (P·H, H), W2: (Σ C_p, H):
+        With the P heads of ``tasks`` concatenated, W1: (P·H, H), W2: (Σ C_p, H):
 
             z_n = W1_{t(n)} dropout(x_n) + b1_{t(n)},   logits_n = W2_{t(n)} dropout(tanh z_n) + b2_{t(n)}
 

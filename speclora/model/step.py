@@ -123,36 +123,34 @@ class TrainLog:
             acc.add_(torch.cat([term.detach().float().reshape(1), one]))  # (2,)
 
     def read(self, also: Sequence[Tensor | None] = ()) -> tuple[dict[str, float], list[float]]:
-        """{'loss': mean total, '<task>/loss': mean over the steps that held the task, '<term>': mean over
-        the steps that returned it} ({} when no step was added since the last read), and the values of the
-        device scalars ``also`` (None reads as -1), all in one host read."""
-        scalars = [torch.full((1,), -1.0) if a is None else a.detach().float().reshape(1) for a in also]
-        parts = [self._base] if self._base is not None else []
-        parts += list(self._extras.values())
-        device = parts[0].device if parts else (scalars[0].device if scalars else torch.device("cpu"))
-        flat = torch.cat([*parts, *(x.to(device) for x in scalars)]) if parts or scalars else torch.zeros(0)
-        values = flat.tolist()  # the one host read of the window
-        tail = values[len(values) - len(scalars):]
-        if self._base is None:
-            return {}, tail
-        names = list(self._extras)
-        self._base.zero_()
-        for acc in self._extras.values():
-            acc.zero_()
-        steps = values[0]
-        if steps == 0:
-            return {}, tail
+        """The means since the last read, {'loss', '<task>/loss' (over the steps that held the task),
+        '<term>' (over the steps that returned it)} ({} when no step was added), and the values of the
+        device scalars ``also`` (None reads as -1); all in one host read. Starts a new window."""
+        sums = ([self._base] if self._base is not None else []) + list(self._extras.values())
+        device = sums[0].device if sums else None
+        scalars = [torch.full((1,), -1.0, device=device) if a is None else a.detach().float().reshape(1)
+                   for a in also]
+        flat = [*sums, *(x.to(device) if device is not None else x for x in scalars)]
+        values = torch.cat(flat).tolist() if flat else []  # the one host read of the window
+        n = sum(x.numel() for x in sums)
+        for x in sums:
+            x.zero_()
+        return self._means(values[:n]), values[n:]
+
+    def _means(self, values: list[float]) -> dict[str, float]:
+        if not values or values[0] == 0:  # values[0]: steps in the window
+            return {}
+        steps, t = values[0], len(self.task_names)
         out = {"loss": values[1] / steps}
-        t = len(self.task_names)
         sums, held = values[2: 2 + t], values[2 + t: 2 + 2 * t]
-        for name, s, n in zip(self.task_names, sums, held):
-            if n > 0:
-                out[f"{name}/loss"] = s / n
-        rest = values[2 + 2 * t: len(values) - len(scalars)]
-        for i, name in enumerate(names):
-            if rest[2 * i + 1] > 0:
-                out[name] = rest[2 * i] / rest[2 * i + 1]
-        return out, tail
+        for name, total, count in zip(self.task_names, sums, held):
+            if count > 0:
+                out[f"{name}/loss"] = total / count
+        terms = values[2 + 2 * t:]
+        for i, name in enumerate(self._extras):
+            if terms[2 * i + 1] > 0:
+                out[name] = terms[2 * i] / terms[2 * i + 1]
+        return out
 
 
 # ---------------------------------------------------------------------- non-finite steps

@@ -291,3 +291,18 @@ def test_step_state_follows_the_module_to_another_device(tiny_backbone, batches)
     assert loss.device.type == "meta" and optimizer.found_inf.device.type == "meta"
     assert module._guard.found_inf.device.type == "meta" and module._train_log._base.device.type == "meta"
     assert all(t.device.type == "meta" for t in module.heads._slot_cache[(batch["present_tasks"], loss.device)])
+
+
+def test_train_log_means_since_the_last_read():
+    from speclora.model.step import TrainLog
+
+    log = TrainLog(["a", "b"])
+    t = torch.tensor
+    # step 1: both tasks, a term; step 2: task a only, no term; step 3: task b only, the term
+    log.add(t(3.0), t([1.0, 2.0]), t([4.0, 1.0]), {"reg": t(0.5)})
+    log.add(t(5.0), t([3.0, 0.0]), t([2.0, 0.0]), {})
+    log.add(t(1.0), t([0.0, 6.0]), t([0.0, 3.0]), {"reg": t(1.5)})
+    values, (skipped,) = log.read(also=(t(2),))
+    assert values == {"loss": 3.0, "a/loss": 2.0, "b/loss": 4.0, "reg": 1.0}
+    assert skipped == 2.0
+    assert log.read() == ({}, [])  # a new window
