@@ -248,17 +248,21 @@ class SpecLoRAModule(L.LightningModule):
         self._guard.count(self.skipped_steps, self.global_step)
         if on_device:
             optimizer.found_inf = found  # the fused kernel skips the update where it is set
+        elif self._grad_scaler() is not None:
+            pass  # fp16 AMP: the grad scaler finds the same inf, skips the step and lowers its scale
         elif bool(found):  # host read: this optimizer cannot skip on the device
             optimizer.zero_grad(set_to_none=True)
             self._report_skipped(int(self.skipped_steps), self.global_step)
 
+    def _grad_scaler(self):
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
     def _skips_on_device(self, optimizer) -> bool:
         """Whether this step's non-finite skip can stay on the device: a fused AdamW, no AMP grad scaler (it
         sets ``found_inf`` itself), and a method that does not read the gradients after the step."""
-        trainer = self._trainer
-        scaler = getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
         reads_grads_after = type(self.method).after_optimizer_step is not Method.after_optimizer_step
-        return supports_found_inf(optimizer) and scaler is None and not reads_grads_after
+        return supports_found_inf(optimizer) and self._grad_scaler() is None and not reads_grads_after
 
     def _report_skipped(self, skipped: int, last: int) -> None:
         if skipped > self._skipped_reported:

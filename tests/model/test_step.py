@@ -306,3 +306,22 @@ def test_train_log_means_since_the_last_read():
     assert values == {"loss": 3.0, "a/loss": 2.0, "b/loss": 4.0, "reg": 1.0}
     assert skipped == 2.0
     assert log.read() == ({}, [])  # a new window
+
+
+def test_with_an_amp_grad_scaler_the_scaler_skips_the_step(tiny_backbone, batches):
+    # fp16 AMP (CUDA): the scaler sees the same inf, skips the step and lowers its scale; dropping the
+    # gradients here would hide the overflow from it (its scale would never come down)
+    from types import SimpleNamespace
+
+    module = _module(tiny_backbone)
+    optimizer = _optimizer(module)
+    module._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), global_step=0)
+    try:
+        module.training_step(batches[0], 0).backward()
+        module.heads.heads[0][1].weight.grad[0, 0] = float("inf")
+        module.on_before_optimizer_step(optimizer)
+    finally:
+        module._trainer = None
+    assert module.heads.heads[0][1].weight.grad is not None  # left for the scaler
+    assert getattr(optimizer, "found_inf", None) is None  # the scaler hands the fused kernel its own flag
+    assert int(module.skipped_steps) == 1
