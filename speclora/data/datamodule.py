@@ -99,6 +99,15 @@ class _Part(Dataset):
     def __getitem__(self, i: int) -> tuple[int, dict]:
         return self.task_index, self.split.item(int(self.rows[i]))
 
+    def lengths(self) -> torch.Tensor:
+        """(n,) tokens of each example's longest sequence: the length it pads its batch to."""
+        split = self.split
+        seq_len = split.seq_offsets[1:] - split.seq_offsets[:-1]  # (S,)
+        owner = torch.repeat_interleave(torch.arange(len(split.ex_seq_count)), split.ex_seq_count)  # (S,)
+        longest = torch.zeros(len(split.ex_seq_count), dtype=torch.long).scatter_reduce(
+            0, owner, seq_len, reduce="amax")  # (E,)
+        return longest[self.rows]  # (n,)
+
 
 class _MixedTrain(Dataset):
     """Indexed by the sampler's ``(task_index, row)`` pairs."""
@@ -191,6 +200,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: where tokenised splits are cached; default ``$SPECLORA_CACHE`` or
             ``~/.cache/speclora``; ``none`` disables the cache.
         padding: ``dynamic`` (to the longest sequence of the batch) or ``max_length``.
+        group_by_length: batches of similar lengths (less padding): the mixed stream is sorted by length
+            inside windows of this many batches, which are then shuffled; the tasks' frequencies are those of
+            ``mixing`` (every window keeps its samples). null keeps the stream's order.
         pad_to_multiple_of: round dynamic padding up to a multiple (8 suits GPU tensor cores).
         num_workers: DataLoader worker processes.
         seed: seed of the mixing sampler (the run's seed).
@@ -216,6 +228,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         padding: Literal["dynamic", "max_length"] = "dynamic",
         pad_to_multiple_of: int | None = None,
+        group_by_length: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
@@ -227,7 +240,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             if value < low:
                 raise ValueError(f"data.{key}={value}; allowed: an integer >= {low}")
         for key, value in (("max_train_per_task", max_train_per_task), ("max_eval_per_task", max_eval_per_task),
-                           ("samples_per_epoch", samples_per_epoch)):
+                           ("samples_per_epoch", samples_per_epoch), ("group_by_length", group_by_length)):
             if value is not None and value < 1:
                 raise ValueError(f"data.{key}={value}; allowed: null or an integer >= 1")
         if split_rule not in ("unolora", "dev"):
@@ -254,6 +267,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.padding = padding
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.group_by_length = group_by_length
         self.num_workers = num_workers
         self.seed = seed
         self._tokenizer = None
@@ -496,6 +510,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
+    def _pin_memory(self) -> bool:
+        """Page-locked batches when training on a CUDA device: their copy to the device does not block."""
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _collator(self) -> MultiTaskCollator:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return MultiTaskCollator(pad_id, self.padding, self.max_length, self.pad_to_multiple_of)
@@ -511,6 +530,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world,
+            lengths=[p.lengths() for _, p in self._parts["train"]] if self.group_by_length else None,
+            length_window=self.group_by_length,
         )
         self._train_sampler = sampler
         loader = ResumableLoader(
@@ -519,6 +540,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             collate_fn=self._collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pin_memory(),
             # its own generator: creating the iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(self.seed),
         )
@@ -538,6 +560,7 @@ class MultiTaskDataModule(L.LightningDataModule):
                 sampler=_ShardSampler(len(part), rank, world),
                 collate_fn=_EntryCollator(collate, name),
                 num_workers=self.num_workers,
+                pin_memory=self._pin_memory(),
                 # its own generator: evaluation must not draw from the global RNG (dropout after resume)
                 generator=torch.Generator().manual_seed(self.seed),
             )

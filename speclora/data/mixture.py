@@ -15,6 +15,12 @@ another world size (:meth:`MixtureBatchSampler.load_state_dict`).
 
 The sampler shards by itself: run Lightning with ``Trainer(use_distributed_sampler=False)`` and hand
 each rank a sampler built with its ``rank`` and ``world_size``.
+
+Length grouping (optional, :func:`group_by_length`): the stream is cut into windows of ``length_window``
+batches; inside a window the samples are sorted by length, cut into batches, and the batches shuffled.
+Batches still mix tasks, but each holds sequences of similar length (less padding), and every window holds
+the same samples as before: the task frequencies of each window, and of the epoch, do not change. Windows
+are counted in per-rank batches, so the global order still does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -149,6 +155,40 @@ def mixture_stream(
     return torch.stack([tasks, rows], dim=1)  # (N, 2)
 
 
+def group_by_length(
+    stream: torch.Tensor, lengths: Sequence[torch.Tensor], batch_size: int, window: int, generator: torch.Generator
+) -> torch.Tensor:
+    """The stream reordered inside windows of ``window * batch_size`` samples: each window sorted by length
+    (stably, so ties keep their stream order), cut into batches of ``batch_size``, its full batches shuffled
+    (a last, partial batch stays last). Each window keeps its samples.
+
+    Args:
+        stream: (N, 2) rows (task, row).
+        lengths: per task, (n_t,) the length (tokens, padded unit) of each of its rows.
+        batch_size: samples per batch.
+        window: batches per window, >= 1.
+        generator: draws the batch order of every window.
+
+    Returns:
+        (N, 2), a permutation of ``stream`` that moves no sample out of its window.
+    """
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)  # (T + 1,)
+    offsets[1:] = torch.cumsum(torch.tensor([len(x) for x in lengths], dtype=torch.int64), 0)
+    flat = torch.cat([torch.as_tensor(x, dtype=torch.int64) for x in lengths])  # (Σ n_t,)
+    size = flat[offsets[stream[:, 0]] + stream[:, 1]]  # (N,) length of each sample
+    out = torch.empty_like(stream)  # (N, 2)
+    span = window * batch_size
+    for start in range(0, stream.shape[0], span):
+        stop = min(start + span, stream.shape[0])
+        order = torch.argsort(size[start:stop], stable=True)  # (M,) shortest first
+        full = (stop - start) // batch_size
+        batches = torch.randperm(full, generator=generator)  # (full,) the order of the full batches
+        picks = order[: full * batch_size].view(full, batch_size)[batches].reshape(-1)  # (full·B,)
+        picks = torch.cat([picks, order[full * batch_size:]])  # (M,)
+        out[start:stop] = stream[start:stop][picks]
+    return out
+
+
 _STATE_KEYS = (
     "epoch",
     "consumed_batches",
@@ -179,6 +219,9 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: the stream of epoch ``e`` depends on ``(seed, e)`` only.
         rank: this process's rank, ``0 <= rank < world_size``.
         world_size: number of processes sharing the stream.
+        lengths: per task, the length of each row (needed by ``length_window``).
+        length_window: group similar lengths into batches, sorting windows of this many batches
+            (:func:`group_by_length`); None leaves the stream's order.
     """
 
     def __init__(
@@ -192,8 +235,20 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lengths: Sequence[Sequence[int] | torch.Tensor] | None = None,
+        length_window: int | None = None,
     ) -> None:
         self.sizes = _check_sizes(sizes)
+        if length_window is not None:
+            _check_int("length_window", length_window, 1)
+            if lengths is None or len(lengths) != len(self.sizes) or any(
+                    len(x) != n for x, n in zip(lengths, self.sizes)):
+                got = None if lengths is None else [len(x) for x in lengths]
+                raise ValueError(f"length_window={length_window} needs lengths: one length per row of every task, "
+                                 f"sizes {self.sizes}; got {got}")
+            lengths = [torch.as_tensor(x, dtype=torch.int64) for x in lengths]
+        self.length_window = length_window
+        self._lengths = lengths if length_window is not None else None
         self._probabilities = mixing_probabilities(self.sizes, strategy, temperature)
         self.strategy = strategy
         self.temperature = float(temperature)
@@ -250,6 +305,10 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         stream = mixture_stream(
             self.sizes, self._probabilities, self.samples_per_epoch, self.seed, epoch
         )  # (N, 2)
+        if self.length_window is not None:
+            # its own generator: the plain stream above is the same with and without grouping
+            g = torch.Generator().manual_seed(_epoch_seed(_epoch_seed(self.seed, epoch), 1))
+            stream = group_by_length(stream, self._lengths, B, self.length_window, g)  # (N, 2)
         # global batch k = stream[k*B*W : (k+1)*B*W]; rank r takes its [r*B : (r+1)*B] slice
         used = stream[: num_batches * W * B].view(num_batches, W, B, 2)  # (num_batches, W, B, 2)
         return used[:, self.rank]  # (num_batches, B, 2)
@@ -282,6 +341,7 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
             "batch_size": self.batch_size,
             "world_size": self.world_size,
             "samples_per_epoch": self.samples_per_epoch,
+            "length_window": self.length_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -303,6 +363,9 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         }
         if self.strategy == "temperature":
             current["temperature"] = self.temperature
+        if "length_window" in state or self.length_window is not None:  # older checkpoints: no grouping
+            state = {**state, "length_window": state.get("length_window")}
+            current["length_window"] = self.length_window
         for key, value in current.items():
             saved = list(state[key]) if key == "sizes" else state[key]
             if saved != value:

@@ -17,6 +17,9 @@ With E examples in the batch and N >= E sequences (a ``choice`` example brings o
     labels          (E,)   float    class index, regression target or gold option; NaN if unlabelled
     groups          (E,)   long     MultiRC question id (exact match), else the example's uid
     uid             (E,)   long     position of the example in its file split
+    present_tasks   tuple[int, ...] the sorted distinct task indices of the batch, on the host (it stays
+                                    there when the batch moves to the device: the module reads it instead
+                                    of the device)
 """
 
 from __future__ import annotations
@@ -280,6 +283,7 @@ class MultiTaskCollator:
             "labels": torch.tensor([it["label"] for _, it in items], dtype=torch.float32),  # (E,)
             "groups": torch.tensor([it["group"] for _, it in items], dtype=torch.long),  # (E,)
             "uid": torch.tensor([it["uid"] for _, it in items], dtype=torch.long),  # (E,)
+            "present_tasks": tuple(sorted({t for t, _ in items})),  # host side
         }
         if type_ids is not None:
             batch["token_type_ids"] = type_ids

@@ -213,7 +213,8 @@ class UnoLoRAStar(Method):
         sample = mean_token_embedding(
             module.encoder.get_input_embeddings(), batch["input_ids"], batch["attention_mask"]
         )  # (N, d_s)
-        return module.method_net(batch["seq_task"], sample)  # (S, N, r)
+        dtype = next(module.method_net.parameters()).dtype  # a bf16 frozen encoder feeds an fp32 hypernetwork
+        return module.method_net(batch["seq_task"], sample.to(dtype))  # (S, N, r)
 
     def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
         module.router.set_scales(self.scales(module, batch))

@@ -71,14 +71,17 @@ class AdapterRouter:
         self.scales: torch.Tensor | None = None
         self.weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def set(self, index: torch.Tensor | None) -> None:
+    def set(self, index: torch.Tensor | None, known_ids: Sequence[int] | None = None) -> None:
         """Route row n of the next forward through adapter ``index[n]``.
 
         ``None`` ends a forward: it clears the index and also any scales or generated weights, so that no
         per-batch state outlives its batch.
 
-        The range check reads ``index.min()/max()`` once per call (one device sync per step, not per layer),
-        so that a bad task id fails here with a message instead of as a device-side assert in a gather.
+        The ids are range-checked here, so that a bad task id fails with a message instead of as a
+        device-side assert in a gather. ``known_ids``: the distinct values of ``index`` as the host already
+        knows them (the collator's ``present_tasks``); they are checked instead of the tensor, so the
+        training step reads nothing back from the device. Without them the check reads ``index.min()/max()``
+        (one device sync per forward, not per layer).
         """
         if index is None:
             self.index = None
@@ -91,7 +94,10 @@ class AdapterRouter:
         if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
             raise ValueError(f"router index: expected an integer tensor, got dtype {index.dtype}")
         if self.num_adapters is not None and index.numel() > 0:
-            lo, hi = int(index.min()), int(index.max())
+            if known_ids is not None and len(known_ids) > 0:
+                lo, hi = min(known_ids), max(known_ids)  # host values: no device read
+            else:
+                lo, hi = int(index.min()), int(index.max())
             if lo < 0 or hi >= self.num_adapters:
                 raise ValueError(
                     f"router index: adapter ids must lie in [0, {self.num_adapters - 1}], got range [{lo}, {hi}]"
@@ -258,7 +264,11 @@ class MultiTaskLoRALinear(nn.Module):
         """x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out)."""
         y = self.base(x)  # (N, [L,] d_out) = W x + b
         lora_A, lora_B = self.adapters()  # (T, r, d_in), (T, d_out, r)
-        h = self.dropout(x).to(lora_A.dtype)  # (N, [L,] d_in)
+        if x.is_floating_point() and lora_A.dtype != x.dtype:
+            # a low-precision frozen encoder (bf16) keeps fp32 adapters: the small A, B are cast to the
+            # activations' dtype (their gradients come back in fp32), never the (N, L, d) activations
+            lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        h = self.dropout(x)  # (N, [L,] d_in)
         n = x.shape[0]
         scales = self.row_scales(n)  # (N, r) or None
         if self.num_adapters == 1:

@@ -31,8 +31,18 @@ from speclora.checkpoint import (
 from speclora.methods import Independent, Method, get_method
 from speclora.metrics import TaskMetrics
 from speclora.model.backbone import resolve_backbone
-from speclora.model.heads import TaskHeads, TaskOutput
+from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
+from speclora.model.step import (
+    ENCODER_DTYPES,
+    NonFiniteGuard,
+    TrainLog,
+    cast_frozen,
+    encoder_attention_mask,
+    fused_supported,
+    set_tf32,
+    supports_found_inf,
+)
 from speclora.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
@@ -77,6 +87,8 @@ class OptimConfig:
         warmup_ratio: share of the run spent warming up linearly from 0.
         schedule: ``linear`` decays to 0 at the last step; ``constant`` holds the peak after warmup.
         betas: AdamW betas.
+        fused: torch's fused AdamW (one kernel for all parameters; it also skips a non-finite step on the
+            device, without a host read); null = fused where torch has it for the parameters (CPU, CUDA).
     """
 
     lr: float = 5e-4
@@ -85,6 +97,7 @@ class OptimConfig:
     warmup_ratio: float = 0.06
     schedule: Literal["linear", "constant"] = "linear"
     betas: tuple[float, float] = (0.9, 0.999)
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -110,6 +123,11 @@ class SpecLoRAModule(L.LightningModule):
         pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
         head_dropout: dropout inside the task heads.
         loss_weights: ``uniform`` or ``size`` (module docstring).
+        encoder_dtype: ``float32`` or ``bfloat16``: the dtype the frozen encoder weights are held (and the
+            encoder computes) in; adapters, heads and optimizer state stay float32. bfloat16 halves the
+            weights' memory and runs the matmuls on bf16 tensor cores, with no per-step weight cast (unlike
+            ``trainer.precision=bf16-mixed``, which casts the frozen weights at every step).
+        tf32: let float32 matmuls use TF32 tensor cores on a CUDA GPU that has them (Ampere and later).
 
     ``method``, ``lora`` and ``optim`` also take the plain dicts a checkpoint's hyperparameters hold, so
     ``SpecLoRAModule.load_from_checkpoint(path)`` rebuilds any method with its options. Checkpoints leave the
@@ -126,6 +144,8 @@ class SpecLoRAModule(L.LightningModule):
         pooling: Literal["cls", "mean"] = "cls",
         head_dropout: float = 0.1,
         loss_weights: Literal["uniform", "size"] = "uniform",
+        encoder_dtype: Literal["float32", "bfloat16"] = "float32",
+        tf32: bool = True,
     ) -> None:
         super().__init__()
         self.specs = resolve_tasks(tasks)
@@ -138,10 +158,13 @@ class SpecLoRAModule(L.LightningModule):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
         if loss_weights not in ("uniform", "size"):
             raise ValueError(f"model.loss_weights={loss_weights!r}; allowed: 'uniform', 'size'")
+        if encoder_dtype not in ENCODER_DTYPES:
+            raise ValueError(f"model.encoder_dtype={encoder_dtype!r}; allowed: {', '.join(map(repr, ENCODER_DTYPES))}")
         self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone,
                                    "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
-                                   "head_dropout": head_dropout, "loss_weights": loss_weights})
+                                   "head_dropout": head_dropout, "loss_weights": loss_weights,
+                                   "encoder_dtype": encoder_dtype, "tf32": tf32})
         self.method = method
         self.method_name = method.name
         self.lora_cfg = lora
@@ -165,6 +188,10 @@ class SpecLoRAModule(L.LightningModule):
         self.method_net: nn.Module | None = None  # a method's own trainable modules (hypernetworks...)
         method.build(self)
         self._frozen_keys = frozen_keys(self, backbone_params)  # what checkpoints leave out (full_ft: nothing)
+        self.encoder_dtype = encoder_dtype
+        self.tf32 = tf32
+        if encoder_dtype != "float32":
+            self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict(
             {
@@ -178,32 +205,47 @@ class SpecLoRAModule(L.LightningModule):
         self._step_task_losses: dict[int, Tensor] = {}
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))  # non-finite steps dropped
         self._seen_entries: dict[str, list[str]] = {}
+        self._entry_index = {entry: t for t, spec in enumerate(self.specs) for entry in (spec.name, *spec.eval_names)}
+        self._train_log = TrainLog([s.name for s in self.specs])  # losses summed on the device
+        self._guard = NonFiniteGuard()
+        self._skipped_reported = 0  # skipped steps already reported (host side)
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
-        """Run the adapted encoder on every sequence of the batch; returns (N, H) pooled vectors."""
+        """Run the adapted encoder on every sequence of the batch; returns (N, H) float32 pooled vectors."""
         if self.router is not None:
-            self.router.set(self.method.route(self, batch))  # (N,) adapter of each row, or None
+            index = self.method.route(self, batch)  # (N,) adapter of each row, or None
+            # the collator's present_tasks are the distinct values of seq_task: range-checked on the host
+            known = batch.get("present_tasks") if index is not None and index is batch.get("seq_task") else None
+            self.router.set(index, known_ids=known)
         self.method.before_encode(self, batch)
         try:
             hidden = self.encoder(
                 input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
+                attention_mask=encoder_attention_mask(self.encoder, batch["attention_mask"]),
                 token_type_ids=batch.get("token_type_ids"),
             ).last_hidden_state  # (N, L, H)
         finally:
             if self.router is not None:
                 self.router.set(None)
+        hidden = hidden.float()  # (N, L, H): pooling and heads in float32 whatever the encoder's dtype
         if self.pooling == "cls":
             return hidden[:, 0]  # (N, H)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # (N, H)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[int, TaskOutput]:
+        """The per-task outputs of a batch (building them reads the device; training uses :meth:`batch_loss`)."""
         return self.heads(self.encode(batch), batch)
 
-    def _total_loss(self, outputs: dict[int, TaskOutput]) -> tuple[Tensor, dict[int, Tensor]]:
-        # L = Σ_t λ_t L_t
+    def batch_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, HeadOutput]:
+        """The task loss L = Σ_t λ_t L_t of a batch and the head outputs, with no host read."""
+        out = self.heads.batched(self.encode(batch), batch)
+        # L = Σ_t λ_t L_t  (L_t = 0 for a task without labelled rows in the batch)
+        return (self.task_weights * out.task_loss).sum(), out
+
+    def _total_loss(self, outputs: Mapping[int, TaskOutput]) -> tuple[Tensor, dict[int, Tensor]]:
+        """L = Σ_t λ_t L_t from the per-task outputs (:meth:`forward`)."""
         per_task = {t: o.loss for t, o in outputs.items() if o.loss is not None}
         if not per_task:
             raise ValueError("a training batch holds no labelled example")
@@ -211,25 +253,52 @@ class SpecLoRAModule(L.LightningModule):
         return total, per_task
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        # A non-finite gradient (from any method or callback) must never reach the parameters: drop
-        # every gradient of this step (AdamW skips parameters whose .grad is None), count it, say so.
+        # A non-finite gradient (from any method or callback) must never reach the parameters. One check of
+        # all gradients writes a device flag; a fused AdamW reads it and leaves parameters and moments as
+        # they were (no host read); otherwise the flag is read now and the step's gradients are dropped
+        # (AdamW skips parameters whose .grad is None). Skipped steps are counted and reported.
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        on_device = self._skips_on_device(optimizer)
+        if on_device:
+            optimizer.found_inf = None
         if not grads:
             return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        if not bool(finite):
-            self.skipped_steps += 1
+        found = self._guard.check(grads)  # () 1.0 where a gradient is not finite
+        self._guard.count(self.skipped_steps, self.global_step)
+        if on_device:
+            optimizer.found_inf = found  # the fused kernel skips the update where it is set
+        elif self._grad_scaler() is not None:
+            pass  # fp16 AMP: the grad scaler finds the same inf, skips the step and lowers its scale
+        elif bool(found):  # host read: this optimizer cannot skip on the device
             optimizer.zero_grad(set_to_none=True)
-            rank_zero_warn(f"non-finite gradient at step {self.global_step}: the update was skipped "
-                           f"({int(self.skipped_steps)} skipped so far)")
-        self.log("train/skipped_steps", self.skipped_steps.float(), batch_size=1)
+            self._report_skipped(int(self.skipped_steps), self.global_step)
+
+    def _grad_scaler(self):
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def _skips_on_device(self, optimizer) -> bool:
+        """Whether this step's non-finite skip can stay on the device: a fused AdamW, no AMP grad scaler (it
+        sets ``found_inf`` itself), and a method that does not read the gradients after the step."""
+        reads_grads_after = type(self.method).after_optimizer_step is not Method.after_optimizer_step
+        return supports_found_inf(optimizer) and self._grad_scaler() is None and not reads_grads_after
+
+    def _report_skipped(self, skipped: int, last: int) -> None:
+        if skipped > self._skipped_reported:
+            new = skipped - self._skipped_reported
+            self._skipped_reported = skipped
+            rank_zero_warn(f"non-finite gradient: {new} update(s) skipped, the last at step {last} "
+                           f"({skipped} skipped so far)")
 
     def on_after_backward(self) -> None:
         self.method.after_backward(self, self._step_task_losses)
         self._step_task_losses = {}
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        raw = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch optimizer
+        if getattr(raw, "found_inf", None) is not None:
+            raw.found_inf = None  # this step's flag must not skip a later step
         self.method.after_optimizer_step(self)  # the gradients are zeroed only in the next step's closure
 
     def configure_callbacks(self) -> list:
@@ -245,6 +314,16 @@ class SpecLoRAModule(L.LightningModule):
             strategy._ddp_kwargs["find_unused_parameters"] = True
             rank_zero_info("DDP: find_unused_parameters=True (tasks absent from a rank's batch leave their "
                            "heads without gradient)")
+        if self._trainer is not None:
+            set_tf32(self._trainer.strategy.root_device, self.tf32)
+
+    def _hold_encoder_in(self, dtype: torch.dtype) -> None:
+        """Cast the frozen encoder weights to ``dtype`` once (the adapters stay float32)."""
+        if all(p.requires_grad for p in self.encoder.parameters()):
+            raise ValueError(f"model.encoder_dtype={self.encoder_dtype!r} holds the frozen encoder weights in "
+                             f"{self.encoder_dtype}, but method {self.method_name} trains every encoder weight; "
+                             "use model.encoder_dtype=float32 (and trainer.precision=bf16-mixed for bf16 matmuls)")
+        cast_frozen(self.encoder, dtype)
 
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
@@ -272,30 +351,49 @@ class SpecLoRAModule(L.LightningModule):
                 "heads": count(self.heads)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        outputs = self(batch)
-        loss, per_task = self._total_loss(outputs)
-        n = batch["input_ids"].shape[0]
-        for name, term in self.method.extra_losses(self, batch, outputs).items():
-            self.log(f"train/{name}", term.detach(), batch_size=n)
+        loss, out = self.batch_loss(batch)
+        extras = self.method.extra_losses(self, batch, TaskOutputs(self.heads, out, batch))
+        for term in extras.values():
             loss = loss + term
-        self._step_task_losses = per_task
-        self.log("train/loss", loss, prog_bar=True, batch_size=n)
-        for t, task_loss in per_task.items():
-            self.log(f"train/{self.specs[t].name}/loss", task_loss.detach(), batch_size=n)
+        self._step_task_losses = {t: out.task_loss[t] for t in out.tasks}
+        self._train_log.add(loss, out.task_loss, out.task_count, extras)  # summed on the device
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._log_due(batch_idx):
+            self._log_train()
+
+    def _log_due(self, batch_idx: int) -> bool:
+        """Whether this step logs: Lightning's logging steps (every ``log_every_n_steps``), and the last
+        step of a fit or an epoch (so that ``callback_metrics`` end with the latest values)."""
+        trainer = self.trainer
+        step = trainer.global_step  # counts this step already
+        every = trainer.log_every_n_steps
+        return bool(trainer.fast_dev_run or (every > 0 and step % every == 0) or trainer.should_stop
+                    or (trainer.max_steps > 0 and step >= trainer.max_steps)
+                    or batch_idx + 1 >= trainer.num_training_batches)
+
+    def _log_train(self) -> None:
+        """Log the losses summed since the last logging step and the skipped-step count: one host read."""
+        values, (skipped, last) = self._train_log.read(also=(self.skipped_steps, self._guard.last_step))
+        for name, value in values.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
+        self._report_skipped(int(skipped), int(last))
+        if "loss" in values:
+            # shown as a number: a logged tensor on the bar would be read back from the device every step
+            self.trainer.progress_bar_metrics["train/loss"] = values["loss"]
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        entry = batch["entry"]
-        outputs = self(batch)
-        for t, out in outputs.items():
-            labels = batch["labels"][out.examples]
-            if self.specs[t].kind != "regression":
-                labels = labels.long()
-            groups = batch["groups"][out.examples]
-            self.metrics[entry].update(out.preds, labels, groups=groups, chosen_scores=out.chosen_scores)
-            if out.loss is not None:
-                self.log(f"{stage}/{entry}/loss", out.loss, batch_size=len(out.examples), add_dataloader_idx=False)
+        entry = batch["entry"]  # an evaluation batch holds one entry, so one task
+        t = self._entry_index[entry]
+        out = self.heads.batched(self.encode(batch), batch)
+        preds, _, chosen_scores = self.heads.predict(t, out, batch, probs=False)  # (E,), None, (E, 2) | None
+        labels = batch["labels"] if self.specs[t].kind == "regression" else batch["labels"].long()
+        self.metrics[entry].update(preds, labels, groups=batch["groups"], chosen_scores=chosen_scores)
+        self.log(f"{stage}/{entry}/loss", out.task_loss[t], batch_size=int(labels.shape[0]),
+                 add_dataloader_idx=False)
         self._seen_entries.setdefault(stage, [])
         if entry not in self._seen_entries[stage]:
             self._seen_entries[stage].append(entry)
@@ -402,8 +500,11 @@ class SpecLoRAModule(L.LightningModule):
             {"params": head_params, "lr": cfg.head_lr or cfg.lr, "name": "heads"},
             {"params": method_params, "lr": cfg.lr, "name": "method"},
         ]
+        params = [p for g in groups for p in g["params"]]
+        fused = fused_supported(params) if cfg.fused is None else cfg.fused
         optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas
+            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+            fused=fused or None,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(cfg.warmup_ratio * total)

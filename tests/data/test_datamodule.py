@@ -92,6 +92,25 @@ def test_mixed_batch_layout(dm):
     assert not torch.isnan(batch["labels"]).any()
 
 
+def test_length_grouped_batches_pad_less_and_keep_the_tasks(tiny_backbone, data_root, tmp_path_factory):
+    kwargs = dict(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=64, batch_size=8,
+                  cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"), max_train_per_task=200)
+    window = 10
+    plain = MultiTaskDataModule(**kwargs)
+    grouped = MultiTaskDataModule(**kwargs, group_by_length=window)
+    for m in (plain, grouped):
+        m.setup("fit")
+    a, b = list(plain.train_dataloader()), list(grouped.train_dataloader())
+    full = len(a) // window * window  # whole windows: each holds the same examples in both orders
+    tasks = lambda batches: sorted(zip(torch.cat([x["task"] for x in batches]).tolist(),  # noqa: E731
+                                       torch.cat([x["uid"] for x in batches]).tolist()))
+    assert tasks(a[:full]) == tasks(b[:full])
+    width = lambda batches: sum(x["input_ids"].numel() for x in batches[:full])  # noqa: E731
+    assert width(b) < 0.8 * width(a)
+    with pytest.raises(ValueError, match="data.group_by_length=0; allowed: null or an integer >= 1"):
+        MultiTaskDataModule(**kwargs, group_by_length=0)
+
+
 def test_max_length_padding(tiny_backbone, data_root, tmp_path):
     dm = MultiTaskDataModule(tasks=["cb"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=64,
                              cache_dir=str(tmp_path.parent / "token_cache"), padding="max_length", batch_size=4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from speclora.data.mixture import MixtureBatchSampler, mixing_probabilities, mixture_stream
+from speclora.data.mixture import MixtureBatchSampler, group_by_length, mixing_probabilities, mixture_stream
 
 
 def _flat(batches: list[list[tuple[int, int]]]) -> list[tuple[int, int]]:
@@ -222,6 +222,71 @@ def test_state_dict_checks():
     del state["epoch"]
     with pytest.raises(ValueError, match=r"missing keys \['epoch'\]"):
         s.load_state_dict(state)
+
+
+# ---------------------------------------------------------------- length grouping
+
+
+def _lengths(sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 128, (n,), generator=g) for n in sizes]
+
+
+def test_group_by_length_keeps_every_window_and_sorts_its_batches():
+    # a hand-sized window: lengths 5, 1, 4, 2, 3, 6 (tasks 0/1 alternate) in batches of 2
+    stream = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [0, 2], [1, 2]])
+    lengths = [torch.tensor([5, 4, 3]), torch.tensor([1, 2, 6])]
+    out = group_by_length(stream, lengths, batch_size=2, window=3, generator=torch.Generator().manual_seed(0))
+    size = {(0, 0): 5, (0, 1): 4, (0, 2): 3, (1, 0): 1, (1, 1): 2, (1, 2): 6}
+    batches = [sorted(size[tuple(x)] for x in out[k: k + 2].tolist()) for k in range(0, 6, 2)]
+    assert sorted(batches) == [[1, 2], [3, 4], [5, 6]]  # sorted by length, then the batches shuffled
+    assert sorted(map(tuple, out.tolist())) == sorted(map(tuple, stream.tolist()))
+
+
+def test_length_grouping_keeps_the_mixing_frequencies_and_cuts_padding():
+    sizes, batch, window = [300, 900, 2000], 8, 16
+    lengths = _lengths(sizes)
+    plain = MixtureBatchSampler(sizes, batch_size=batch, seed=3)
+    grouped = MixtureBatchSampler(sizes, batch_size=batch, seed=3, lengths=lengths, length_window=window)
+    a, b = list(plain), list(grouped)
+    assert len(a) == len(b)
+    span = window  # batches per window: each window holds the same samples, so the same task counts
+    for k in range(0, len(a) - span + 1, span):
+        assert sorted(_flat(a[k: k + span])) == sorted(_flat(b[k: k + span])), f"window at batch {k} changed"
+    counts = torch.bincount(torch.tensor([t for t, _ in _flat(b)]), minlength=3).double()
+    expected = plain.probabilities * counts.sum()
+    assert torch.allclose(counts, expected, rtol=0.08)  # the mixing p, as for the plain stream
+
+    def padded(batches):  # tokens a batch pads to: its longest sequence, times its size
+        return sum(max(int(lengths[t][r]) for t, r in x) * len(x) for x in batches)
+
+    assert padded(b) < 0.7 * padded(a)
+    assert any(len({t for t, _ in x}) > 1 for x in b)  # batches still mix tasks
+
+
+def test_length_grouping_resumes_at_another_world_size():
+    sizes, lengths = [25, 60, 140], _lengths([25, 60, 140], seed=1)
+    kw = {"sizes": sizes, "batch_size": 4, "seed": 9, "lengths": lengths, "length_window": 3}
+    w1 = list(MixtureBatchSampler(**kw))
+    w2 = [list(MixtureBatchSampler(rank=r, world_size=2, **kw)) for r in range(2)]
+    # the global order does not depend on the world size: ranks interleave to the one-process stream
+    assert _flat([b for k in range(len(w2[0])) for b in (w2[0][k], w2[1][k])]) == _flat(w1[: 2 * len(w2[0])])
+    state = MixtureBatchSampler(rank=0, world_size=2, **kw).state_dict(consumed_batches=3)
+    resumed = MixtureBatchSampler(**kw)
+    resumed.load_state_dict(state)
+    assert list(resumed) == w1[6:]
+    plain = MixtureBatchSampler(sizes, batch_size=4, seed=9)
+    with pytest.raises(ValueError, match="length_window was 3 when saved, is None now"):
+        plain.load_state_dict(state)
+
+
+def test_length_window_needs_the_lengths():
+    with pytest.raises(ValueError, match=r"length_window=4 needs lengths.*sizes \[30, 50\]; got None"):
+        MixtureBatchSampler([30, 50], batch_size=4, length_window=4)
+    with pytest.raises(ValueError, match=r"got \[30, 49\]"):
+        MixtureBatchSampler([30, 50], batch_size=4, length_window=4, lengths=_lengths([30, 49]))
+    with pytest.raises(ValueError, match="length_window must be an int >= 1, got 0"):
+        MixtureBatchSampler([30, 50], batch_size=4, length_window=0, lengths=_lengths([30, 50]))
 
 
 # ---------------------------------------------------------------- DataLoader
