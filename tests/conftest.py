@@ -9,13 +9,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("SPECLORA_DATA"):  # absolute, so a test that changes the working folder still finds the data
+    os.environ["SPECLORA_DATA"] = str(Path(os.environ["SPECLORA_DATA"]).resolve())
 
 
 def _data_root() -> Path:
     env = os.environ.get("SPECLORA_DATA")
-    if env:
-        return Path(env)
-    return REPO.parent / "shared" / "data"
+    return Path(env) if env else REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
