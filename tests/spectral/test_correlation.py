@@ -93,9 +93,11 @@ def test_nonfinite_and_zero_gradients_are_skipped_and_counted():
     for bad in (float("nan"), float("inf")):
         Gb = G.clone()
         Gb[1, 2] = bad
-        assert corr.update(Gb) is False
-    assert corr.update(torch.zeros(3, 4)) is False
+        flag = corr.update(Gb)
+        assert flag.dtype == torch.bool and flag.shape == () and not bool(flag)  # a device flag: not finite
+    assert bool(corr.update(torch.zeros(3, 4)))  # finite, but nothing to learn from: not folded in either
     assert corr.num_skipped_nonfinite == 2 and corr.num_skipped_zero == 1 and corr.num_updates == 1
+    assert corr.counts.tolist() == [1, 2, 1]
     after = corr.state_dict()
     assert torch.equal(after["pair_ema"], before["pair_ema"]) and torch.equal(after["norm_ema"], before["norm_ema"])
     assert torch.isfinite(corr.rho()).all()
