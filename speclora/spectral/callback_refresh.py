@@ -18,7 +18,12 @@ from torch import Tensor
 from torch_geometric.data import Data
 
 from speclora.spectral.callback_logs import log_refresh
-from speclora.spectral.correlation import edge_weights, fixed_weights, magnitude_weights, parameter_magnitude_weights
+from speclora.spectral.correlation import (
+    edge_weights,
+    fixed_weights,
+    magnitude_weights,
+    parameter_magnitude_weights,
+)
 from speclora.spectral.devices import broadcast_from_rank0, broadcast_optional_from_rank0
 from speclora.spectral.eigen import EigenResult, EigenSolverError, smallest_eigenpairs
 from speclora.spectral.graph import training_graph

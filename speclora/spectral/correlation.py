@@ -108,7 +108,7 @@ class EdgeCorrelation:
         # per class: its pairs' rows in the class (2, P_c) and their pattern (n_c, n_c) in CSR for the SDDMM
         self.class_pair_rows: list[Tensor] = []
         self.class_pattern: list[Tensor] = []
-        for c, ((a, b), (pa, pb)) in enumerate(zip(self.node_slices, self.pair_slices)):
+        for (a, b), (pa, pb) in zip(self.node_slices, self.pair_slices):
             rows = self.pair_pos[:, pa:pb] - a  # (2, P_c), row-major already
             self.class_pair_rows.append(rows)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": known, used on purpose

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from torch_geometric.data import Data
 
 from speclora.spectral.callback import SpectralGraphCallback

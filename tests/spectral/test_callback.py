@@ -183,6 +183,10 @@ def test_lobpcg_needs_n_at_least_3k(tiny_backbone, datamodule):
         (dict(gamma=-0.1), "gamma=-0.1"),
         (dict(edge_kinds=["nope"]), "edge_kinds"),
         (dict(regularizer="l2"), "regularizer='l2'"),
+        (dict(rest_response="all"), "rest_response='all'"),
+        (dict(carry_coefficients="nearest"), "carry_coefficients='nearest'"),
+        (dict(edge_weighting="gradient"), "edge_weighting='gradient'"),
+        (dict(sparsify_topk=0), "sparsify_topk=0"),
     ],
 )
 def test_bad_options_are_refused_at_config_time(kwargs, message):

@@ -149,6 +149,20 @@ def test_device_helpers():
             return torch.zeros(obj.shape)  # on the CPU
 
     assert broadcast_from_rank0(Pickling(), torch.empty(2, device="meta")).is_meta  # back on the receiver's
+
+    from speclora.spectral.devices import broadcast_optional_from_rank0
+
+    class Rank0(Pickling):  # what rank 0 holds: whether it has a tensor, and its values
+        def __init__(self, has: bool):
+            self.has = has
+
+        def broadcast(self, obj, src=0):
+            return torch.full(obj.shape, float(self.has)) if obj.dtype == torch.long else torch.full(obj.shape, 7.0)
+
+    # rank 0 has none: every rank gets None, whatever it had; rank 0 has one: a rank without gets its values
+    assert broadcast_optional_from_rank0(Rank0(False), torch.ones(3), (3,), torch.ones(1)) is None
+    got = broadcast_optional_from_rank0(Rank0(True), None, (2, 3), torch.ones(1))
+    assert got is not None and torch.equal(got, torch.full((2, 3), 7.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with float32_math(torch.device("cpu")):
             assert not torch.is_autocast_enabled("cpu")
