@@ -6,8 +6,9 @@ For nodes i, j joined by an edge, with g_i the aligned gradient of node i (a p-v
     ρ_ij = S_ij / (sqrt(Q_i) sqrt(Q_j) + eps)    w_ij = exp(−α (1 − |ρ_ij|))
 
 The EMAs start at zero and are not bias-corrected: the correction factor (1 − μ^t) is the same in S and in
-sqrt(Q_i Q_j), so it cancels in ρ. Alternatives for the ablations (paper's Table 7): ``magnitude_weights``
-and ``fixed_weights``.
+sqrt(Q_i Q_j), so it cancels in ρ. Alternatives for the ablations (paper's Table 7):
+``parameter_magnitude_weights`` (Table 7's "Magnitude-based Edges", §4.3: parameter magnitude differences),
+``magnitude_weights`` (gradient magnitudes, the earlier reading) and ``fixed_weights``.
 """
 
 from __future__ import annotations
@@ -19,80 +20,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from speclora.spectral.graph import EDGE_KINDS, KIND_A, KIND_B, GraphLayout
+from speclora.spectral.graph import EDGE_KINDS
+from speclora.spectral.signals import stack_signals, unstack_signals  # noqa: F401  (their former home)
 
 log = logging.getLogger(__name__)
-
-
-def stack_signals(
-    layout: GraphLayout, A: Sequence[Tensor], B: Sequence[Tensor], out: Sequence[Tensor] | None = None
-) -> list[Tensor]:
-    """Stack per-slot LoRA tensors (parameters, gradients or updates) into aligned node signals.
-
-    Args:
-        A: per slot, (T, r, d_in); B: per slot, (T, d_out, r) (``layout.slots`` order).
-        out: optional per-class buffers (n_c, p_c) to write into (no new allocation; not differentiable).
-    Returns:
-        per shape class (``layout.shape_classes`` order), (n_c, p_c) with row i the signal of the class's
-        i-th node: vec(Aᵀ) (d_in·r numbers) for A nodes, vec(B) (d_out·r) for B nodes. Differentiable.
-    """
-    if len(A) != layout.num_slots or len(B) != layout.num_slots:
-        raise ValueError(f"expected {layout.num_slots} A and B tensors (one per slot), got {len(A)} and {len(B)}")
-    T = layout.num_tasks
-    blocks: list[list[Tensor]] = [[] for _ in layout.shape_classes]
-    places = _slot_places(layout)
-    # node order is (slot, kind, task): per slot, the T rows of A then the T rows of B
-    for s, (a, b) in enumerate(zip(A, B)):
-        _, _, d_in, d_out, r = layout.slots[s]
-        if tuple(a.shape) != (T, r, d_in) or tuple(b.shape) != (T, d_out, r):
-            raise ValueError(
-                f"slot {s} {layout.slots[s]}: expected A (T={T}, r={r}, d_in={d_in}) and B ({T}, {d_out}, {r}), "
-                f"got {tuple(a.shape)} and {tuple(b.shape)}"
-            )
-        (ca, ra), (cb, rb) = places[s]
-        if out is not None:
-            # one strided copy per block straight into the buffer: Aᵀ (T, d_in, r) rows, B (T, d_out, r) rows
-            out[ca][ra : ra + T].view(T, d_in, r).copy_(a.transpose(1, 2))
-            out[cb][rb : rb + T].view(T, d_out, r).copy_(b)
-            continue
-        # Aᵀ: (T, r, d_in) → (T, d_in, r) → (T, d_in·r)
-        blocks[ca].append(a.transpose(1, 2).reshape(T, -1))
-        # B: (T, d_out, r) → (T, d_out·r)
-        blocks[cb].append(b.reshape(T, -1))
-    if out is not None:
-        return list(out)  # [(n_c, p_c)]
-    return [torch.cat(bl) for bl in blocks]  # [(n_c, p_c)]
-
-
-def _slot_places(layout: GraphLayout) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Per slot, (class, first row) of its A block and of its B block; computed once per layout."""
-    places = getattr(layout, "_slot_places", None)
-    if places is None:
-        places = []
-        for s in range(layout.num_slots):
-            ids = [layout.node_id(0, s, kind) for kind in (KIND_A, KIND_B)]
-            places.append(tuple((int(layout.node_class[i]), int(layout.node_class_row[i])) for i in ids))
-        layout._slot_places = places
-    return places
-
-
-def unstack_signals(layout: GraphLayout, signals: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    """Inverse of ``stack_signals``: per shape class (n_c, p_c) → per slot A (T, r, d_in), B (T, d_out, r)."""
-    if len(signals) != len(layout.shape_classes):
-        raise ValueError(f"expected {len(layout.shape_classes)} shape classes, got {len(signals)} tensors")
-    T = layout.num_tasks
-    A: list[Tensor] = []
-    B: list[Tensor] = []
-    places = _slot_places(layout)
-    for s, (_, _, d_in, d_out, r) in enumerate(layout.slots):
-        for kind, out in ((KIND_A, A), (KIND_B, B)):
-            c, row = places[s][kind]
-            block = signals[c][row : row + T]  # (T, p)
-            if kind == KIND_A:
-                out.append(block.reshape(T, d_in, r).transpose(1, 2))  # (T, r, d_in)
-            else:
-                out.append(block.reshape(T, d_out, r))  # (T, d_out, r)
-    return A, B
 
 
 class EdgeCorrelation:
@@ -105,6 +36,14 @@ class EdgeCorrelation:
     gathered copies), no Python loop over nodes or edges. Where the SDDMM kernel is missing (a device or
     dtype without it) the dots are gathered along the pair list in chunks of at most ``chunk_size``
     numbers instead, logged once.
+
+    No host synchronisation: Q and S sit in one device vector ``ema`` = [Q in class order | S in pair order]
+    (class order: class 0's nodes, then class 1's, ...; the pairs grouped by class, in the row-major order
+    in which the SDDMM returns them), so that a step writes each class's norms and dots into its own slices
+    and folds them in with one ``torch.where``: a step whose gradients are not finite (or all zero) leaves
+    the EMAs exactly as they were, and is counted on the device (``counts``), read only where asked
+    (``num_updates`` etc., ``state_dict``). ``pair_index``/``pair_ema`` are in the internal pair order;
+    ``state_dict`` writes S in the order of the sorted pair keys i·n + j and Q in node order.
 
     Args:
         edge_index: (2, E), both directions present, no edge across shape classes.
@@ -131,165 +70,195 @@ class EdgeCorrelation:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.decay, self.eps, self.chunk_size, self.num_nodes = decay, eps, chunk_size, num_nodes
-        src, dst = edge_index  # (E,), (E,)
-        # the undirected pairs: the directed edges with i < j
-        upper = src < dst  # (E,)
-        self.pair_index = edge_index[:, upper]  # (2, P)
-        # directed edge → its pair: key min·n + max looked up among the sorted pair keys
-        pair_key = self.pair_index[0] * num_nodes + self.pair_index[1]  # (P,)
-        sorted_key, perm = torch.sort(pair_key)  # (P,), (P,)
-        edge_key = torch.minimum(src, dst) * num_nodes + torch.maximum(src, dst)  # (E,)
-        pos = torch.searchsorted(sorted_key, edge_key).clamp(max=max(len(sorted_key) - 1, 0))  # (E,)
-        if len(sorted_key) and not bool((sorted_key[pos] == edge_key).all()):
-            raise ValueError("edge_index must hold both directions of every edge (use to_undirected)")
-        self.edge_to_pair = perm[pos] if len(sorted_key) else pos  # (E,)
-        node_class = torch.zeros(num_nodes, dtype=torch.long) if node_class is None else node_class.cpu()
-        if node_class.numel() != num_nodes:
-            raise ValueError(f"node_class has {node_class.numel()} entries, num_nodes is {num_nodes}")
-        pi = self.pair_index.cpu()
-        if bool((node_class[pi[0]] != node_class[pi[1]]).any()):
+        device = edge_index.device
+        ei = edge_index.cpu()
+        n = num_nodes
+        node_class = torch.zeros(n, dtype=torch.long) if node_class is None else node_class.cpu().long()
+        if node_class.numel() != n:
+            raise ValueError(f"node_class has {node_class.numel()} entries, num_nodes is {n}")
+        pairs = ei[:, ei[0] < ei[1]]  # (2, P): the undirected pairs, i < j
+        if bool((node_class[pairs[0]] != node_class[pairs[1]]).any()):
             raise ValueError("an edge joins nodes of different shape classes; their signals cannot be compared")
-        self.num_classes = int(node_class.max()) + 1 if num_nodes else 0
-        # per class: its node ids (n_c,), and its pairs (P_c,) with their rows in the class (P_c,) × 2
-        row = torch.empty(num_nodes, dtype=torch.long)  # (n,)
-        self.class_nodes: list[Tensor] = []
-        self.class_pairs: list[Tensor] = []
+        self.num_classes = int(node_class.max()) + 1 if n else 0
+        # class order of the nodes (ascending id within a class), and each node's position in it
+        self.class_order = torch.argsort(node_class * n + torch.arange(n))  # (n,): position → node id
+        node_pos = torch.empty(n, dtype=torch.long)  # (n,): node id → position
+        node_pos[self.class_order] = torch.arange(n)
+        sizes = torch.bincount(node_class, minlength=self.num_classes)  # (C,)
+        starts = torch.cumsum(sizes, 0) - sizes  # (C,)
+        # pairs grouped by class and row-major within it: sorting by the key of their positions does both
+        pos = node_pos[pairs]  # (2, P)
+        perm = torch.argsort(pos[0] * n + pos[1])  # (P,)
+        self.pair_index, self.pair_pos = pairs[:, perm], pos[:, perm]  # (2, P) node ids, (2, P) positions
+        P = self.pair_index.size(1)
+        pair_sizes = torch.bincount(node_class[self.pair_index[0]], minlength=self.num_classes)  # (C,)
+        pair_starts = torch.cumsum(pair_sizes, 0) - pair_sizes  # (C,)
+        self.node_slices = [(int(a), int(a + b)) for a, b in zip(starts, sizes)]
+        self.pair_slices = [(int(a), int(a + b)) for a, b in zip(pair_starts, pair_sizes)]
+        # the checkpoint order of the pairs: sorted by key i·n + j (node ids), the order of a coalesced edge list
+        key = self.pair_index[0] * n + self.pair_index[1]  # (P,)
+        sorted_key, self.canonical = torch.sort(key)  # (P,), (P,): canonical position → internal pair
+        # directed edge → its pair
+        src, dst = ei
+        edge_key = torch.minimum(src, dst) * n + torch.maximum(src, dst)  # (E,)
+        at = torch.searchsorted(sorted_key, edge_key).clamp(max=max(P - 1, 0))  # (E,)
+        if P and not bool((sorted_key[at] == edge_key).all()):
+            raise ValueError("edge_index must hold both directions of every edge (use to_undirected)")
+        self.edge_to_pair = self.canonical[at] if P else at  # (E,)
+        # per class: its pairs' rows in the class (2, P_c) and their pattern (n_c, n_c) in CSR for the SDDMM
         self.class_pair_rows: list[Tensor] = []
-        for c in range(self.num_classes):
-            ids = (node_class == c).nonzero().view(-1)  # (n_c,)
-            row[ids] = torch.arange(ids.numel())
-            pairs = (node_class[pi[0]] == c).nonzero().view(-1)  # (P_c,)
-            self.class_nodes.append(ids.to(edge_index.device))
-            self.class_pairs.append(pairs.to(edge_index.device))
-            self.class_pair_rows.append(row[pi[:, pairs]].to(edge_index.device))  # (2, P_c)
-        # per class: the pairs as a CSR pattern (n_c, n_c) for the SDDMM, and the CSR order of the pairs
-        self.class_pattern: list[Tensor | None] = []
-        self.class_pattern_order: list[Tensor] = []
-        for c, rows in enumerate(self.class_pair_rows):
-            n_c = self.class_nodes[c].numel()
-            order = torch.argsort(rows[0] * n_c + rows[1])  # (P_c,): CSR (row-major) order of the pairs
+        self.class_pattern: list[Tensor] = []
+        for (a, b), (pa, pb) in zip(self.node_slices, self.pair_slices):
+            rows = self.pair_pos[:, pa:pb] - a  # (2, P_c), row-major already
+            self.class_pair_rows.append(rows)
             with warnings.catch_warnings():  # "sparse CSR support is in beta": known, used on purpose
                 warnings.simplefilter("ignore")
-                pattern = torch.sparse_coo_tensor(rows[:, order], torch.zeros(order.numel(), device=rows.device),
-                                                  (n_c, n_c)).to_sparse_csr()
-            self.class_pattern.append(pattern)
-            self.class_pattern_order.append(order)
+                coo = torch.sparse_coo_tensor(rows, torch.zeros(rows.size(1)), (b - a, b - a)).coalesce()
+                self.class_pattern.append(coo.to_sparse_csr())
         self.use_sddmm = True
-        self.pair_ema = torch.zeros(self.pair_index.size(1), device=edge_index.device)  # S: (P,)
-        self.norm_ema = torch.zeros(num_nodes, device=edge_index.device)  # Q: (n,)
-        self.num_updates = 0
-        self.num_skipped_nonfinite = 0
-        self.num_skipped_zero = 0
+        self.ema = torch.zeros(n + P)  # [Q (n,) class order | S (P,)]
+        self.counts = torch.zeros(3, dtype=torch.long)  # updates, skipped non-finite, skipped zero
+        self._new = torch.zeros(n + P)  # this step's [‖g_i‖² | ⟨g_i, g_j⟩], reused
+        self.to(device)
 
+    # ------------------------------------------------------------------ views of the state
     @property
     def device(self) -> torch.device:
-        return self.pair_ema.device
+        return self.ema.device
+
+    @property
+    def pair_ema(self) -> Tensor:
+        """S (P,) in ``pair_index`` order (a view)."""
+        return self.ema[self.num_nodes :]
+
+    @property
+    def norm_ema(self) -> Tensor:
+        """Q (n,) in node order (a copy)."""
+        out = torch.empty_like(self.ema[: self.num_nodes])
+        out[self.class_order] = self.ema[: self.num_nodes]
+        return out
+
+    @property
+    def num_updates(self) -> int:
+        """Steps folded into the EMAs (a host read)."""
+        return int(self.counts[0])
+
+    @property
+    def num_skipped_nonfinite(self) -> int:
+        """Steps left out because a gradient was not finite (a host read)."""
+        return int(self.counts[1])
+
+    @property
+    def num_skipped_zero(self) -> int:
+        """Steps left out because every gradient was exactly zero (a host read)."""
+        return int(self.counts[2])
 
     def to(self, device: torch.device | str) -> EdgeCorrelation:
         """Move the edge structure and the EMAs to ``device`` (in place, exact copies); returns self."""
         device = torch.device(device)
-        self.pair_index, self.edge_to_pair = self.pair_index.to(device), self.edge_to_pair.to(device)
-        self.pair_ema, self.norm_ema = self.pair_ema.to(device), self.norm_ema.to(device)
+        for name in ("class_order", "pair_index", "pair_pos", "canonical", "edge_to_pair", "ema", "counts", "_new"):
+            setattr(self, name, getattr(self, name).to(device))
         with warnings.catch_warnings():  # "sparse CSR support is in beta": known, used on purpose
             warnings.simplefilter("ignore")
-            for name in ("class_nodes", "class_pairs", "class_pair_rows", "class_pattern", "class_pattern_order"):
-                setattr(self, name, [t.to(device) for t in getattr(self, name)])
+            self.class_pair_rows = [t.to(device) for t in self.class_pair_rows]
+            self.class_pattern = [t.to(device) for t in self.class_pattern]
         self.use_sddmm = True  # the new device may have the SDDMM kernel: tried again
         return self
 
-    def _dots(self, G: Tensor, c: int) -> Tensor:
-        """⟨g_i, g_j⟩ for the pairs of class c, G (n_c, p) → (P_c,), in ``class_pair_rows[c]`` order."""
+    # ------------------------------------------------------------------ the step
+    def _dots(self, G: Tensor, c: int, out: Tensor) -> None:
+        """⟨g_i, g_j⟩ for the pairs of class c, G (n_c, p), written into ``out`` (P_c,) in pair order."""
         if self.use_sddmm:
             try:
-                # (G Gᵀ)_ij on the pattern only; values come in CSR order
+                # (G Gᵀ)_ij on the pattern only; its values come in the pattern's (row-major = pair) order
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     sampled = torch.sparse.sampled_addmm(self.class_pattern[c], G, G.mT, beta=0.0)  # (n_c, n_c)
-                out = torch.empty_like(sampled.values())  # (P_c,)
-                out[self.class_pattern_order[c]] = sampled.values()
-                return out
+                out.copy_(sampled.values())
+                return
             except (RuntimeError, NotImplementedError) as err:
                 self.use_sddmm = False
                 log.warning("EdgeCorrelation: no sampled_addmm for %s on %s (%s); gathering the pair dots "
                             "in chunks instead (slower)", G.dtype, G.device, err)
         rows = self.class_pair_rows[c]  # (2, P_c)
         per = max(1, self.chunk_size // max(G.size(1), 1))
-        # ⟨g_i, g_j⟩ = Σ_p G[i, p] G[j, p]
-        parts = [(G[r[0]] * G[r[1]]).sum(-1) for r in rows.split(per, dim=1)]  # [(≤per,)]
-        return torch.cat(parts) if parts else G.new_zeros(0)  # (P_c,)
+        start = 0
+        for r in rows.split(per, dim=1):  # ⟨g_i, g_j⟩ = Σ_p G[i, p] G[j, p]
+            out[start : start + r.size(1)] = (G[r[0]] * G[r[1]]).sum(-1)  # (≤per,)
+            start += r.size(1)
 
     @torch.no_grad()
-    def update(self, G_by_class: Tensor | Sequence[Tensor]) -> bool:
+    def update(self, G_by_class: Tensor | Sequence[Tensor]) -> Tensor:
         """One EMA step from the stacked aligned gradients, per shape class (n_c, p_c) (``stack_signals``).
 
-        Returns True if applied; False if the step was skipped, because some gradient is non-finite
-        (counted in ``num_skipped_nonfinite``; the state is left untouched) or all gradients are exactly
-        zero (``num_skipped_zero``; nothing to learn from, and applying it would only shrink the EMAs).
+        Returns a () bool tensor on the device: whether every gradient was finite. Applied only where the
+        gradients are finite and not all exactly zero (nothing to learn from those, and they would only shrink
+        the EMAs); otherwise the state is left exactly as it was. Counted in ``counts`` either way. No host
+        read: the test and the choice are device ops (``torch.where``).
         """
         Gs = [G_by_class] if isinstance(G_by_class, Tensor) else list(G_by_class)
         if len(Gs) != self.num_classes:
             raise ValueError(f"expected {self.num_classes} shape classes, got {len(Gs)} gradient tensors")
-        q_new = torch.zeros_like(self.norm_ema)  # (n,)
-        s_new = torch.zeros_like(self.pair_ema)  # (P,)
+        n, new = self.num_nodes, self._new
         for c, G in enumerate(Gs):
-            if G.size(0) != self.class_nodes[c].numel():
-                raise ValueError(f"class {c}: expected {self.class_nodes[c].numel()} rows, got {G.size(0)}")
+            (a, b), (pa, pb) = self.node_slices[c], self.pair_slices[c]
+            if G.size(0) != b - a:
+                raise ValueError(f"class {c}: expected {b - a} rows, got {G.size(0)}")
             G = G.detach().float()  # (n_c, p)
-            # ‖g_i‖² (a reduction: no (n_c, p) temporary)
-            q_new[self.class_nodes[c]] = torch.linalg.vector_norm(G, dim=-1).square()  # (n_c,)
-            # ⟨g_i, g_j⟩ on the pairs of class c
-            s_new[self.class_pairs[c]] = self._dots(G, c)  # (P_c,)
-        # a non-finite entry of G makes its ‖g_i‖² non-finite; a finite ‖g‖ bounds the dots (Cauchy–Schwarz)
-        # both tests in one host synchronisation (it decides whether the step is filtered at all)
-        finite, nonzero = torch.stack([torch.isfinite(q_new).all() & torch.isfinite(s_new).all(),
-                                       (q_new > 0).any()]).tolist()
-        if not finite:
-            self.num_skipped_nonfinite += 1
-            return False
-        if not nonzero:
-            self.num_skipped_zero += 1
-            return False
-        mu = self.decay
-        # S ← μ S + (1 − μ) ⟨g_i, g_j⟩ ;  Q ← μ Q + (1 − μ) ‖g_i‖²
-        self.pair_ema.mul_(mu).add_(s_new, alpha=1 - mu)  # (P,)
-        self.norm_ema.mul_(mu).add_(q_new, alpha=1 - mu)  # (n,)
-        self.num_updates += 1
-        return True
+            torch.linalg.vector_norm(G, dim=-1, out=new[a:b])  # ‖g_i‖ (n_c,): a reduction, no (n_c, p) temporary
+            self._dots(G, c, new[n + pa : n + pb])  # ⟨g_i, g_j⟩ on the pairs of class c (P_c,)
+        q = new[:n].square_()  # ‖g_i‖²
+        # a non-finite entry of G makes its ‖g_i‖² (and their sum) non-finite; a finite ‖g‖ bounds the dots
+        # (Cauchy–Schwarz). A sum past float32's range is not finite either: such a step would overflow Q.
+        total = q.sum()  # ()
+        finite, nonzero = torch.isfinite(total), total > 0  # (), ()
+        ok = finite & nonzero
+        # EMA ← μ EMA + (1 − μ) new, where ok (else unchanged, bit for bit)
+        new.mul_(1 - self.decay).add_(self.ema, alpha=self.decay)  # (n + P,)
+        torch.where(ok, new, self.ema, out=self.ema)
+        self.counts.add_(torch.stack([ok, ~finite, finite & ~nonzero]))  # (3,)
+        return finite
 
+    # ------------------------------------------------------------------ what the graph reads
     def rho(self) -> Tensor:
         """ρ per directed edge of ``edge_index``: S_ij / (sqrt(Q_i)·sqrt(Q_j) + eps), clamped to [−1, 1]."""
-        i, j = self.pair_index  # (P,), (P,)
-        r = self.norm_ema.sqrt()  # (n,)
+        r = self.ema[: self.num_nodes].sqrt()  # (n,) class order
+        i, j = self.pair_pos  # (P,), (P,)
         # ρ_ij = S_ij / (sqrt(Q_i) sqrt(Q_j) + eps)
         rho_pair = (self.pair_ema / (r[i] * r[j] + self.eps)).clamp(-1.0, 1.0)  # (P,)
         return rho_pair[self.edge_to_pair]  # (E,)
 
     def magnitude(self) -> Tensor:
-        """m_i = sqrt(Q_i), the EMA root-mean-square gradient norm of each node, (n,)."""
+        """m_i = sqrt(Q_i), the EMA root-mean-square gradient norm of each node, (n,) in node order."""
         return self.norm_ema.sqrt()
 
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Tensor | int | float]:
+        """S in the order of the sorted pair keys i·n + j (a coalesced edge list's), Q in node order; the
+        counters as numbers (a host read)."""
+        updates, nonfinite, zero = self.counts.tolist()
         return {
-            "pair_ema": self.pair_ema.clone(),
-            "norm_ema": self.norm_ema.clone(),
-            "num_updates": self.num_updates,
-            "num_skipped_nonfinite": self.num_skipped_nonfinite,
-            "num_skipped_zero": self.num_skipped_zero,
+            "pair_ema": self.pair_ema[self.canonical].clone(),
+            "norm_ema": self.norm_ema,
+            "num_updates": updates,
+            "num_skipped_nonfinite": nonfinite,
+            "num_skipped_zero": zero,
             "decay": self.decay,
         }
 
     def load_state_dict(self, state: dict[str, Tensor | int | float]) -> None:
         pair, norm = torch.as_tensor(state["pair_ema"]), torch.as_tensor(state["norm_ema"])
-        if pair.shape != self.pair_ema.shape or norm.shape != self.norm_ema.shape:
+        P, n = self.pair_index.size(1), self.num_nodes
+        if pair.shape != (P,) or norm.shape != (n,):
             raise ValueError(
                 f"state for {pair.numel()} pairs / {norm.numel()} nodes does not fit this graph "
-                f"({self.pair_ema.numel()} pairs / {self.norm_ema.numel()} nodes)"
+                f"({P} pairs / {n} nodes)"
             )
-        self.pair_ema.copy_(pair)
-        self.norm_ema.copy_(norm)
-        self.num_updates = int(state["num_updates"])
-        self.num_skipped_nonfinite = int(state["num_skipped_nonfinite"])
-        self.num_skipped_zero = int(state["num_skipped_zero"])
+        pair, norm = pair.to(self.ema), norm.to(self.ema)
+        self.ema[n:][self.canonical] = pair
+        self.ema[:n] = norm[self.class_order]
+        self.counts.copy_(torch.tensor([int(state["num_updates"]), int(state["num_skipped_nonfinite"]),
+                                        int(state["num_skipped_zero"])]))
 
 
 def edge_weights(rho: Tensor, alpha: float) -> Tensor:
@@ -301,7 +270,8 @@ def edge_weights(rho: Tensor, alpha: float) -> Tensor:
 
 
 def magnitude_weights(magnitude: Tensor, edge_index: Tensor, alpha: float, eps: float = 1e-12) -> Tensor:
-    """Magnitude-based edges (the "Magnitude-based Edges" ablation of Table 7).
+    """Gradient-magnitude edges (``edge_weighting: gradient_magnitude``; the "magnitude" ablation before
+    issue 14, kept under its own name).
 
     With m_i = sqrt(EMA‖g_i‖²) (``EdgeCorrelation.magnitude``), the similarity of update sizes
     s_ij = min(m_i, m_j) / max(m_i, m_j) ∈ [0, 1] takes the place of |ρ_ij| in the same exponential:
@@ -315,6 +285,26 @@ def magnitude_weights(magnitude: Tensor, edge_index: Tensor, alpha: float, eps: 
     # s = min(m_i, m_j) / max(m_i, m_j)
     s = torch.minimum(mi, mj) / torch.maximum(mi, mj).clamp(min=eps)  # (E,)
     return torch.exp(-alpha * (1.0 - s))  # (E,)
+
+
+def parameter_magnitude_weights(norms: Tensor, edge_index: Tensor, alpha: float) -> Tensor:
+    """Parameter-magnitude edges: the "Magnitude-based Edges" ablation of Table 7, read from §4.3 ("edge
+    weighting schemes based on parameter magnitude differences").
+
+    With m_i = ‖θ_i‖ the Frobenius norm of node i's LoRA matrix (its §3.1 node feature), the relative
+    difference d_ij = |m_i − m_j| / max(m_i, m_j) ∈ [0, 1] (0 where both are 0: equal magnitudes) takes the
+    place of 1 − |ρ_ij|:
+        w_ij = exp(−α d_ij)
+    so α means the same as in ``edge_weights`` and the weights share its range [e^{−α}, 1].
+    norms: (n,), edge_index: (2, E) → (E,).
+    """
+    if alpha < 0:
+        raise ValueError(f"alpha (edge-weight sensitivity) must be >= 0, got {alpha}")
+    mi, mj = norms[edge_index[0]], norms[edge_index[1]]  # (E,), (E,)
+    top = torch.maximum(mi, mj)  # (E,)
+    # d = |m_i − m_j| / max(m_i, m_j), 0/0 := 0
+    d = torch.where(top > 0, (mi - mj).abs() / top.clamp(min=torch.finfo(top.dtype).tiny), torch.zeros_like(top))
+    return torch.exp(-alpha * d)  # (E,)
 
 
 def fixed_weights(edge_type: Tensor, values: Sequence[float] = (1.0, 1.0, 1.0)) -> Tensor:

@@ -64,3 +64,15 @@ def broadcast_from_rank0(strategy: Any, tensor: Tensor) -> Tensor:
         torch.distributed.broadcast(tensor, src=0)
         return tensor
     return strategy.broadcast(tensor, src=0).to(tensor.device)
+
+
+def broadcast_optional_from_rank0(strategy: Any, tensor: Tensor | None, shape: tuple[int, ...],
+                                  like: Tensor) -> Tensor | None:
+    """Rank 0's optional ``tensor`` (of ``shape``, with ``like``'s dtype and device) on every rank: whether it
+    exists is broadcast first, so that ranks that differ in having one still agree (None on every rank when
+    rank 0 has none)."""
+    flag = broadcast_from_rank0(strategy, torch.tensor([tensor is not None], dtype=torch.long, device=like.device))
+    if not bool(flag[0]):
+        return None
+    buffer = tensor if tensor is not None else torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return broadcast_from_rank0(strategy, buffer)

@@ -60,6 +60,8 @@ class EigenResult:
     method: "dense" | "lobpcg" | "fallback_dense" | "kept_previous". residual: ‖L U − U Λ‖_F / c (c the
     Gershgorin bound of L). iterations: LOBPCG iterations (0 for dense). message: why a fallback happened.
     ortho_error: ‖UᵀU − I‖_max of the returned vectors (NaN where not measured: kept pairs).
+    rest_values (n − k,) ascending, rest_vectors (n, n − k): the other n − k eigenpairs, when a dense solve
+    was asked for the whole spectrum (``whole=True``); None otherwise.
     """
 
     values: Tensor
@@ -69,6 +71,8 @@ class EigenResult:
     iterations: int
     message: str = ""
     ortho_error: float = math.nan
+    rest_values: Tensor | None = None
+    rest_vectors: Tensor | None = None
 
 
 class EigenSolverError(RuntimeError):
@@ -159,11 +163,10 @@ def _verify(
     return True, res, ortho, ""
 
 
-def _dense(L: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _dense(L: Tensor) -> tuple[Tensor, Tensor]:
     Ld = (L.to_dense() if L.is_sparse else L).to(torch.float64)  # (n, n)
     # L = U Λ Uᵀ, ascending
-    values, vectors = torch.linalg.eigh(Ld)  # (n,), (n, n)
-    return values[:k], vectors[:, :k]  # (k,), (n, k)
+    return torch.linalg.eigh(Ld)  # (n,), (n, n)
 
 
 def _rayleigh_ritz(L: Tensor, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -251,6 +254,7 @@ def smallest_eigenpairs(
     seed: int = 0,
     generator: torch.Generator | None = None,
     solver: str = "auto",
+    whole: bool = False,
 ) -> EigenResult:
     """The k smallest eigenpairs of a symmetric PSD Laplacian L (n, n), sparse COO or dense.
 
@@ -266,6 +270,8 @@ def smallest_eigenpairs(
         max_iter: LOBPCG iterations. seed / generator: the random start when X0 is None (same seed, same
             start on every rank).
         solver: "auto" (dense up to ``dense_threshold``, LOBPCG above), "dense" or "lobpcg" (any n ≥ 3k).
+        whole: when the solve is dense (``dense`` or ``fallback_dense``), also return the other n − k pairs
+            (``EigenResult.rest_values``, ``rest_vectors``): eigh computes them anyway.
     Returns:
         ``EigenResult`` with float32 values (k,) and vectors (n, k) on L's device, whatever L's dtype.
     Raises:
@@ -288,13 +294,13 @@ def smallest_eigenpairs(
         dense_threshold = dense_threshold_for(L.device)
     with ieee_float32():
         return _solve(L, k, X0, previous_values, dense_threshold, fallback_threshold, tol, ortho_tol, max_iter,
-                      seed, generator, solver)
+                      seed, generator, solver, whole)
 
 
 def _solve(
     L: Tensor, k: int, X0: Tensor | None, previous_values: Tensor | None, dense_threshold: int,
     fallback_threshold: int, tol: float, ortho_tol: float, max_iter: int, seed: int,
-    generator: torch.Generator | None, solver: str,
+    generator: torch.Generator | None, solver: str, whole: bool,
 ) -> EigenResult:
     n = L.size(0)
     # the spectral math runs in float32 (float64 for the dense solve), whatever the input dtype
@@ -320,13 +326,15 @@ def _solve(
 
     def dense(method: str, reason: str = "") -> EigenResult | None:
         try:
-            values, vectors = _dense(L, k)  # (k,), (n, k) float64
+            all_values, all_vectors = _dense(L)  # (n,), (n, n) float64
         except RuntimeError:
             return None
+        values, vectors = all_values[:k], all_vectors[:, :k]  # (k,), (n, k)
         ok, res, ortho, _ = _verify(L.to(torch.float64), vectors, values, scale, tol, ortho_tol)
-        if not ok:
+        if not ok or (whole and not bool(torch.isfinite(all_values).all() and torch.isfinite(all_vectors).all())):
             return None
-        return EigenResult(values.float(), vectors.float(), method, res, 0, reason, ortho)
+        rest = (all_values[k:].float(), all_vectors[:, k:].float()) if whole else (None, None)
+        return EigenResult(values.float(), vectors.float(), method, res, 0, reason, ortho, *rest)
 
     if not math.isfinite(c):
         return keep_previous("L has non-finite entries")

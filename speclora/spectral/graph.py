@@ -213,6 +213,21 @@ def sparsify_topk(
     return edge_index[:, keep], edge_weight[keep], keep
 
 
+def training_graph(
+    edge_index: Tensor, edge_type: Tensor, edge_weight: Tensor, num_nodes: int, topk: int | None = None
+) -> tuple[Data, Tensor]:
+    """The weighted graph the spectrum is taken from, as a torch-geometric ``Data`` (edge_index, edge_weight,
+    edge_type, num_nodes), optionally sparsified to each node's ``topk`` heaviest edges (``sparsify_topk``).
+
+    Returns the graph and the (E,) bool mask of the candidate edges it kept.
+    """
+    if topk is None:
+        keep = torch.ones(edge_index.size(1), dtype=torch.bool, device=edge_index.device)  # (E,)
+        return Data(edge_index=edge_index, edge_weight=edge_weight, edge_type=edge_type, num_nodes=num_nodes), keep
+    ei, w, keep = sparsify_topk(edge_index, edge_weight, topk, num_nodes)  # (2, E'), (E',), (E,)
+    return Data(edge_index=ei, edge_weight=w, edge_type=edge_type[keep], num_nodes=num_nodes), keep
+
+
 def class_subgraph(
     layout: GraphLayout, edge_index: Tensor, edge_weight: Tensor | None, class_index: int
 ) -> tuple[Tensor, Tensor | None]:

@@ -56,6 +56,19 @@ def laplacian_dense(
     return laplacian(edge_index, edge_weight, num_nodes, normalization, dtype).to_dense()  # (n, n)
 
 
+def laplacian_trace(L: Tensor) -> float:
+    """tr L = Σ_i λ_i, from the diagonal of a sparse (coalesced) or dense (n, n) L (a host read).
+
+    For L = D − W it is Σ_i d_i; for L_sym the number of nodes with an edge (plus PyG's 1 per isolated node).
+    With the k computed eigenvalues it gives the mean of the n − k others, (tr L − Σ_{i≤k} λ_i) / (n − k).
+    """
+    if L.is_sparse:
+        L = L.coalesce()
+        idx = L.indices()  # (2, nnz)
+        return float(L.values()[idx[0] == idx[1]].double().sum())
+    return float(L.diagonal().double().sum())
+
+
 def spectral_bound(L: Tensor) -> float:
     """Gershgorin bound c = max_i Σ_j |L_ij| ≥ λ_max(L), for a sparse or dense (n, n) L.
 

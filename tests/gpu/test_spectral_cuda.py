@@ -165,3 +165,35 @@ def test_the_state_lives_on_the_training_device_cuda_1(still_backbone, datamodul
     module, spectral = _fit_saving(still_backbone, datamodule, "gpu", 3, tmp_path, devices=[1])
     assert spectral.layers[0].lora_A.device == torch.device("cuda", 1)
     assert not off_device(spectral, "cuda:1"), off_device(spectral, "cuda:1")
+
+
+def test_steady_state_hooks_never_wait_for_the_gpu(still_backbone, data_root, tmp_path):
+    """The CPU test (tests/spectral/test_host_reads.py) counts host reads; here CUDA's own sync debug mode raises
+    on any synchronisation inside the callback's hooks of steady-state steps (no refresh, no logging)."""
+    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=still_backbone, max_length=32,
+                             batch_size=6, cache_dir=str(tmp_path / "token_cache"), mixing="equal")
+    torch.manual_seed(0)
+    module = SpecLoRAModule(TASKS, backbone=still_backbone, head_dropout=0.0)
+    spectral = SpectralGraphCallback(k=6, refresh_every=50, log_every=50, heatmap_every=0)
+    checked = []
+
+    def strict(hook):
+        def run(trainer, *args, **kwargs):
+            if trainer.global_step not in (2, 3, 4):
+                return hook(trainer, *args, **kwargs)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return hook(trainer, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                checked.append(trainer.global_step)
+        return run
+
+    for name in ("on_before_optimizer_step", "on_train_batch_end"):
+        setattr(spectral, name, strict(getattr(spectral, name)))
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[spectral], use_distributed_sampler=False)
+    trainer.fit(module, datamodule=dm)
+    assert len(checked) == 6 and spectral.layers[0].lora_A.is_cuda

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import torch
+from torch_geometric.data import Data
 
 from speclora.spectral.callback import SpectralGraphCallback
 from speclora.spectral.correlation import EdgeCorrelation
+from speclora.spectral.response import ClassFilter
 
 
 def state_tensors(callback: SpectralGraphCallback) -> dict[str, torch.Tensor]:
-    """Found by walking the callback's attributes (lists, tuples, dicts, the EdgeCorrelation), so that state
-    added later is checked too. The layout (node numbering) is structure kept on the CPU; layers are the
+    """Found by walking the callback's attributes (lists, tuples, dicts, the EdgeCorrelation, the filters, the
+    torch-geometric graph), so that state added later is checked too. The layout (node numbering) is structure kept on the CPU; layers are the
     model's own modules."""
     found: dict[str, torch.Tensor] = {}
 
@@ -23,8 +25,11 @@ def state_tensors(callback: SpectralGraphCallback) -> dict[str, torch.Tensor]:
         elif isinstance(x, dict):
             for key, v in x.items():
                 walk(f"{name}[{key!r}]", v)
-        elif isinstance(x, EdgeCorrelation):
+        elif isinstance(x, (EdgeCorrelation, ClassFilter)):
             for key, v in vars(x).items():
+                walk(f"{name}.{key}", v)
+        elif isinstance(x, Data):
+            for key, v in x.items():
                 walk(f"{name}.{key}", v)
 
     for key, value in vars(callback).items():

@@ -89,19 +89,25 @@ def test_logged_band_energy_is_of_the_raw_gradient(tiny_backbone, datamodule):
     assert float(want[-1]) > 1e-3  # the raw gradient has energy beyond span(U), which ε = 0 filtering removes
 
 
-def test_all_coefficients_one_is_the_identity(tiny_backbone, datamodule):
+@pytest.mark.parametrize("coefficient", [1.0, 0.5])
+@pytest.mark.parametrize("rest", ["spectrum", "last"])
+def test_a_single_band_scales_every_component(tiny_backbone, datamodule, coefficient, rest):
+    # one band: every eigencomponent, computed or not, gets the same coefficient, so G' = c·G (1: the identity;
+    # 0.5 fails if the band filter is not applied, or not beyond the k computed pairs)
     module = _module(tiny_backbone)
-    spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=True, band_coefficients=[1.0],
-                                     band_edges=[], eigen_lr=False, learned=False, regularizer="none")
+    spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=True, band_coefficients=[coefficient],
+                                     band_edges=[], eigen_lr=False, learned=False, regularizer="none",
+                                     rest_response=rest)
     before, after = Snapshot(), Snapshot()
     _fit(module, datamodule, [before, spectral, after])
-    assert torch.allclose(after.grads[0], before.grads[0], atol=1e-6)
+    assert torch.allclose(after.grads[0], coefficient * before.grads[0], atol=1e-6)
 
 
 def test_per_eigencomponent_rates_filter_the_optimizer_update(tiny_backbone, datamodule):
+    # the rate 1 beyond the k computed pairs (rest_response: last); the other rules: test_callback_math.py
     module = _module(tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=False, eigen_lr=True, beta=2.0,
-                                     sigma=0.5, learned=False, regularizer="none")
+                                     sigma=0.5, learned=False, regularizer="none", rest_response="last")
     start = Snapshot()
     raw = Snapshot()  # runs before the spectral callback's on_train_batch_end: the raw optimizer update
 
@@ -177,6 +183,10 @@ def test_lobpcg_needs_n_at_least_3k(tiny_backbone, datamodule):
         (dict(gamma=-0.1), "gamma=-0.1"),
         (dict(edge_kinds=["nope"]), "edge_kinds"),
         (dict(regularizer="l2"), "regularizer='l2'"),
+        (dict(rest_response="all"), "rest_response='all'"),
+        (dict(carry_coefficients="nearest"), "carry_coefficients='nearest'"),
+        (dict(edge_weighting="gradient"), "edge_weighting='gradient'"),
+        (dict(sparsify_topk=0), "sparsify_topk=0"),
     ],
 )
 def test_bad_options_are_refused_at_config_time(kwargs, message):
@@ -189,7 +199,7 @@ def test_resume_restores_the_spectral_state_exactly(tiny_backbone, datamodule, t
 
     def run(steps, ckpt=None, save=False):
         module = _module(tiny_backbone)
-        spectral = SpectralGraphCallback(k=6, refresh_every=2, learned=True)
+        spectral = SpectralGraphCallback(k=6, refresh_every=2, learned=True, hyper_lr=0.5)
         callbacks = [spectral]
         if save:
             callbacks.append(ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1,
@@ -200,6 +210,9 @@ def test_resume_restores_the_spectral_state_exactly(tiny_backbone, datamodule, t
         return module, spectral
 
     full_module, full = run(5, save=True)
+    saved = torch.load(tmp_path / "step=2.ckpt", weights_only=False)["callbacks"]
+    (state,) = [v for key, v in saved.items() if "SpectralGraphCallback" in key]
+    assert (state["h_learned"][0] - 1).abs().max() > 0.05  # coefficients that moved away from 1 at the save
     resumed_module, resumed = run(5, ckpt=str(tmp_path / "step=2.ckpt"))
     assert torch.equal(full.corr.pair_ema, resumed.corr.pair_ema)
     assert torch.allclose(full.vectors[0].abs(), resumed.vectors[0].abs(), atol=1e-6)
@@ -228,7 +241,7 @@ def test_ablation_configs_change_only_what_they_name():
 
 
 def test_a_failed_first_solve_is_a_counted_recovery(tiny_backbone, datamodule, monkeypatch):
-    import speclora.spectral.callback as cb
+    import speclora.spectral.callback_refresh as cb
     from speclora.spectral.eigen import EigenSolverError
 
     real = cb.smallest_eigenpairs

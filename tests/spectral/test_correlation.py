@@ -18,6 +18,8 @@ from speclora.spectral import (
     stack_signals,
     unstack_signals,
 )
+from speclora.spectral.correlation import parameter_magnitude_weights
+from speclora.spectral.signals import write_signals
 from tests.spectral.graphs import path
 
 
@@ -35,6 +37,12 @@ def test_stack_signals_aligned_layout_and_roundtrip():
     assert torch.equal(sig[1][1], B[1][1].reshape(-1))
     A2, B2 = unstack_signals(lay, sig)
     assert all(torch.equal(a, b) for a, b in zip(A + B, A2 + B2))
+    # into buffers (one cat per class), and back into tensors in place (one multi-tensor copy)
+    out = [torch.empty(6, 6), torch.empty(2, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(stack_signals(lay, A, B, out=out), sig))
+    A3, B3 = [torch.zeros_like(a) for a in A], [torch.zeros_like(b) for b in B]
+    write_signals(lay, sig, A3, B3)
+    assert all(torch.equal(a, b) for a, b in zip(A + B, A3 + B3))
     with pytest.raises(ValueError, match="slot 0"):
         stack_signals(lay, [A[0].transpose(1, 2), A[1]], B)
 
@@ -93,9 +101,11 @@ def test_nonfinite_and_zero_gradients_are_skipped_and_counted():
     for bad in (float("nan"), float("inf")):
         Gb = G.clone()
         Gb[1, 2] = bad
-        assert corr.update(Gb) is False
-    assert corr.update(torch.zeros(3, 4)) is False
+        flag = corr.update(Gb)
+        assert flag.dtype == torch.bool and flag.shape == () and not bool(flag)  # a device flag: not finite
+    assert bool(corr.update(torch.zeros(3, 4)))  # finite, but nothing to learn from: not folded in either
     assert corr.num_skipped_nonfinite == 2 and corr.num_skipped_zero == 1 and corr.num_updates == 1
+    assert corr.counts.tolist() == [1, 2, 1]
     after = corr.state_dict()
     assert torch.equal(after["pair_ema"], before["pair_ema"]) and torch.equal(after["norm_ema"], before["norm_ema"])
     assert torch.isfinite(corr.rho()).all()
@@ -117,6 +127,36 @@ def test_per_class_update_and_state_dict_roundtrip():
     fresh = EdgeCorrelation(ei, lay.num_nodes, 0.9, node_class=lay.node_class)
     fresh.load_state_dict(corr.state_dict())
     assert torch.equal(fresh.rho(), corr.rho()) and fresh.num_updates == 1
+
+
+def test_checkpoint_order_of_the_pairs_is_the_sorted_keys():
+    # the state writes S in the order of the pair keys i·n + j, whatever the internal (class, row-major) order
+    lay = GraphLayout(2, [(0, "q", 3, 3, 2), (0, "fc", 3, 5, 2), (1, "q", 3, 3, 2), (1, "fc", 3, 5, 2)])
+    ei, _ = build_edges(lay)
+    corr = EdgeCorrelation(ei, lay.num_nodes, 0.0, node_class=lay.node_class)  # μ = 0: the EMA is this step's
+    g = torch.Generator().manual_seed(2)
+    A = [torch.randn(2, 2, 3, generator=g) for _ in range(4)]
+    B = [torch.randn(2, s, 2, generator=g) for s in (3, 5, 3, 5)]
+    corr.update(stack_signals(lay, A, B))
+    rows = torch.zeros(lay.num_nodes, 10)
+    for (_, ids), sig in zip(lay.shape_classes, stack_signals(lay, A, B)):
+        rows[ids, : sig.size(1)] = sig
+    pairs = sorted({(min(i, j), max(i, j)) for i, j in ei.T.tolist()})
+    state = corr.state_dict()
+    direct = torch.tensor([float(rows[i] @ rows[j]) for i, j in pairs])
+    assert torch.allclose(state["pair_ema"], direct, atol=1e-5)
+    assert torch.allclose(state["norm_ema"], rows.square().sum(1), atol=1e-5)  # node order
+
+
+def test_parameter_magnitude_weights():
+    ei, _ = path(4)  # edges (0,1), (1,0), (1,2), (2,1), (2,3), (3,2)
+    m = torch.tensor([1.0, 3.0, 0.0, 0.0])
+    w = parameter_magnitude_weights(m, ei, alpha=2.0)
+    # d_01 = 2/3, d_12 = 3/3, d_23 = 0/0 := 0 (equal magnitudes)
+    want = torch.tensor([math.exp(-4 / 3)] * 2 + [math.exp(-2.0)] * 2 + [1.0] * 2)
+    assert torch.allclose(w, want)
+    with pytest.raises(ValueError, match="alpha"):
+        parameter_magnitude_weights(m, ei, -1.0)
 
 
 def test_edge_across_classes_is_rejected():

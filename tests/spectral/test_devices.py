@@ -99,7 +99,8 @@ def test_state_follows_the_parameters_to_another_device(tiny_backbone, datamodul
     module.to("meta")  # the parameters move (to "another GPU")
     spectral.on_train_start(trainer, module)
     moved = state_tensors(spectral)
-    assert moved.keys() >= {k for k in cpu_state if not k.startswith(("_work", "_theta_before"))}
+    # all but the step's transient views (the work buffers, the snapshot and its finite flag)
+    assert moved.keys() >= {k for k in cpu_state if not k.startswith(("_work", "_theta_before", "_finite"))}
     assert not off_device(spectral, "meta"), off_device(spectral, "meta")
     # a checkpoint written on one device resumes on the parameters' device
     spectral.load_state_dict(checkpoint)
@@ -110,13 +111,16 @@ def test_spectral_math_is_float32_whatever_the_training_precision(tiny_backbone,
     # bf16-mixed: autocast in the forward, float32 adapters and gradients; TF32 asked for by the process
     seen = []
     spectral = _callback()
-    real = spectral.gradient_response
 
-    def record(c):
-        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.is_autocast_enabled("cpu")))
-        return real(c)
+    def recorded(real):
+        def run(*args):
+            seen.append((torch.backends.cuda.matmul.fp32_precision, torch.is_autocast_enabled("cpu")))
+            return real(*args)
+        return run
 
-    spectral.gradient_response = record
+    # the two pieces of step math, each inside its hook's float32_math
+    spectral._filter_step = recorded(spectral._filter_step)
+    spectral._filter_update = recorded(spectral._filter_update)
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("high")
@@ -125,7 +129,7 @@ def test_spectral_math_is_float32_whatever_the_training_precision(tiny_backbone,
         assert torch.get_float32_matmul_precision() == "high"  # the process's own setting is left as it was
     finally:
         torch.set_float32_matmul_precision(before)
-    assert seen and set(seen) == {("ieee", False)}
+    assert len(seen) >= 5 and set(seen) == {("ieee", False)}
     assert spectral.layers[0].lora_A.dtype == torch.float32 and spectral._work  # the float32 buffer path
     floats = [t for t in state_tensors(spectral).values() if t.is_floating_point() and t.layout == torch.strided]
     assert {t.dtype for t in floats} == {torch.float32}
@@ -145,6 +149,20 @@ def test_device_helpers():
             return torch.zeros(obj.shape)  # on the CPU
 
     assert broadcast_from_rank0(Pickling(), torch.empty(2, device="meta")).is_meta  # back on the receiver's
+
+    from speclora.spectral.devices import broadcast_optional_from_rank0
+
+    class Rank0(Pickling):  # what rank 0 holds: whether it has a tensor, and its values
+        def __init__(self, has: bool):
+            self.has = has
+
+        def broadcast(self, obj, src=0):
+            return torch.full(obj.shape, float(self.has)) if obj.dtype == torch.long else torch.full(obj.shape, 7.0)
+
+    # rank 0 has none: every rank gets None, whatever it had; rank 0 has one: a rank without gets its values
+    assert broadcast_optional_from_rank0(Rank0(False), torch.ones(3), (3,), torch.ones(1)) is None
+    got = broadcast_optional_from_rank0(Rank0(True), None, (2, 3), torch.ones(1))
+    assert got is not None and torch.equal(got, torch.full((2, 3), 7.0))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with float32_math(torch.device("cpu")):
             assert not torch.is_autocast_enabled("cpu")

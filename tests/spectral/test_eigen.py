@@ -77,6 +77,24 @@ def test_dense_exact_path_and_cycle():
     assert res.residual < 1e-6
 
 
+def test_dense_whole_spectrum_returns_the_rest():
+    ei, w = cycle(8)
+    L = laplacian(ei, w, 8, "sym")
+    res = smallest_eigenpairs(L, 3, whole=True)
+    assert res.rest_values.shape == (5,) and res.rest_vectors.shape == (8, 5)
+    every = torch.cat([res.values, res.rest_values])
+    assert torch.allclose(every, torch.linalg.eigvalsh(L.to_dense()), atol=1e-6)
+    U = torch.cat([res.vectors, res.rest_vectors], dim=1).double()  # (8, 8)
+    assert torch.allclose(U.T @ U, torch.eye(8, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(U @ torch.diag(every.double()) @ U.T, L.to_dense().double(), atol=1e-6)
+    assert smallest_eigenpairs(L, 3).rest_values is None  # only when asked
+    # LOBPCG knows k pairs only; its dense fallback returns the rest when asked
+    ei, w = cycle(60)
+    assert smallest_eigenpairs(laplacian(ei, w, 60), 4, dense_threshold=0, whole=True).rest_values is None
+    fell = smallest_eigenpairs(laplacian(ei, w, 60), 4, dense_threshold=0, tol=1e-6, max_iter=1, whole=True)
+    assert fell.method == "fallback_dense" and fell.rest_values.shape == (56,)
+
+
 def test_lobpcg_cold_matches_exact_spectrum(product, cold):
     L, spectrum = product
     k = 8

@@ -152,3 +152,20 @@ def test_to_pyg():
     assert data.num_nodes == 8 and data.x.shape == (8, 4) and data.is_undirected()
     assert torch.equal(data.task, lay.node_task) and data.module_names == ["query"]
     assert torch.equal(data.edge_type, et)
+
+
+def test_training_graph_is_a_pyg_data():
+    from speclora.spectral.graph import training_graph
+
+    lay = GraphLayout(3, [(0, "q", 4, 4, 2), (1, "q", 4, 4, 2)])
+    ei, et = build_edges(lay)
+    w = torch.rand(ei.size(1), generator=torch.Generator().manual_seed(0))
+    w = (w + w[torch.argsort(ei[1] * lay.num_nodes + ei[0])]) / 2  # symmetric: w_ij = w_ji
+    full, keep = training_graph(ei, et, w, lay.num_nodes)
+    assert keep.all() and full.num_nodes == lay.num_nodes and torch.equal(full.edge_index, ei)
+    assert torch.equal(full.edge_weight, w) and torch.equal(full.edge_type, et)
+    sparse, keep = training_graph(ei, et, w, lay.num_nodes, topk=1)
+    want_ei, want_w, want_keep = sparsify_topk(ei, w, 1, lay.num_nodes)
+    assert torch.equal(sparse.edge_index, want_ei) and torch.equal(sparse.edge_weight, want_w)
+    assert torch.equal(keep, want_keep) and torch.equal(sparse.edge_type, et[keep])
+    assert sparse.num_edges < full.num_edges
