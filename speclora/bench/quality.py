@@ -236,7 +236,7 @@ def report(out: Path, update_doc: Path | None = None) -> Path:
     extra = [{**r, "role": "lr search"} for r in search if r["run_id"] not in in_matrix]  # rates not chosen
     write_csv(rows + extra, out / "results.csv")
     tables = markdown(rows, plan.to_json(), meta, search)
-    figures = write_figures(rows, plan.to_json(), out, tables)
+    figures = write_figures(rows, plan.to_json(), out, tables, search)
     figure_lines = [f"- `{p.relative_to(out)}`" for p in figures]
     doc = tables + "\n### Figures (under the output folder; also in its `tensorboard/`)\n\n" + (
         "\n".join(figure_lines) if figure_lines else "none (Pillow is not installed)") + "\n"

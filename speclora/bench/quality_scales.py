@@ -82,8 +82,9 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     # CI: a 2-layer, 32-wide random BERT, 20 steps per run; the whole matrix in a few minutes on 2 cores
+    # (the learning-rate search on two rates: it checks the search, not which rate is best)
     "smoke": Scale("smoke", seeds=2, one_task=("rte",), isolation="inline", threads=1,
-                   tiny_backbone=True),
+                   tiny_backbone=True, lr_grid=(1e-3, 3e-3)),
     # the default backbone on a 2-core CPU, one torch thread per run (two threads thrash on a shared machine),
     # two runs at once in separate processes (docs/results.md has the measured wall time)
     "cpu": Scale("cpu", seeds=3, one_task=("rte",), isolation="process", jobs=2, threads=1, conflict_batches=2,

@@ -132,3 +132,17 @@ def test_convergence_says_whether_the_mean_curve_is_flat_and_the_report_shows_th
     assert "| independent | 1e-3: 51.0 · **3e-3: 52.5** | 3e-3 | every cell |" in doc
     assert "grid {1e-3, 3e-3} (full_ft: {2e-5, 5e-5, 1e-4})" in doc
     assert "runs: 13 (12 in the matrix, 1 more in the learning-rate search)" in doc
+
+
+def test_search_figure_has_one_panel_per_method_and_one_curve_per_rate():
+    from speclora.bench.quality_figures import search_curves
+
+    curve = [[10, 40.0], [20, 50.0]]
+    rows = [_row("main", arm, 0, {"rte": 1.0}, lr=lr, curves={"val/average": curve})
+            for arm in ("shared", "hyperformer") for lr in (3e-3, 3e-4)]
+    rows.append(_row("single", "single", 0, {"rte": 1.0}, lr=1e-3, curves={"val/average": curve}))
+    rows.append(_row("main", "shared", 0, {"rte": 1.0}, status="failed", lr=1e-3))
+    panels = search_curves(rows)
+    assert [(title, list(series)) for title, _, series in panels] == [
+        ("shared: val/average by rate", ["lr 3e-4", "lr 3e-3"]), ("hyperformer: val/average by rate", ["lr 3e-4", "lr 3e-3"])]
+    assert panels[0][2]["lr 3e-4"] == ([10.0, 20.0], [40.0, 50.0], [0.0, 0.0])

@@ -55,7 +55,7 @@ def test_the_smoke_matrix_writes_every_table(smoke):
     table5 = doc.split("### Table 5")[1].split("###")[0]
     assert "| speclora | 2/2 |" in table5 and "| single (reference, one run per task) | 4/4 |" in table5
     assert "| no_coordination | 2/2 |" in doc
-    for png in ("scores_main", "scores_ablations", "curves", "spectrum", "coordination"):
+    for png in ("scores_main", "scores_ablations", "curves", "lr_search", "spectrum", "coordination"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     lr = json.loads((out / "plan.json").read_text())["lr_choice"]["speclora"]["lr"]
