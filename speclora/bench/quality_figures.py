@@ -74,7 +74,8 @@ def search_curves(search_rows: Sequence[Row]) -> list[tuple[str, str, dict[str, 
         curve = (r.get("curves") or {}).get("val/average")
         if curve and r.get("lr") is not None:
             panels.setdefault(r["arm"], {})[f"lr {fmt_rate(r['lr'])}"] = qs.mean_curve([curve])
-    return [(f"{arm}: val/average by rate", "val/average", series) for arm, series in panels.items()]
+    order = [a for a in METHOD_ARMS if a in panels] + [a for a in panels if a not in METHOD_ARMS]
+    return [(f"{arm}: val/average by rate", "val/average", panels[arm]) for arm in order]
 
 
 def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, tables_md: str,

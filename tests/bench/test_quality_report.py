@@ -145,4 +145,6 @@ def test_search_figure_has_one_panel_per_method_and_one_curve_per_rate():
     panels = search_curves(rows)
     assert [(title, list(series)) for title, _, series in panels] == [
         ("shared: val/average by rate", ["lr 3e-4", "lr 3e-3"]), ("hyperformer: val/average by rate", ["lr 3e-4", "lr 3e-3"])]
+    rows.reverse()  # panels in the methods' order whatever the order of the runs
+    assert [title for title, _, _ in search_curves(rows)][0].startswith("shared")
     assert panels[0][2]["lr 3e-4"] == ([10.0, 20.0], [40.0, 50.0], [0.0, 0.0])
