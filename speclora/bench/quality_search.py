@@ -73,11 +73,19 @@ def grid_of(arm: str, grid: Sequence[float]) -> tuple[float, ...]:
 
 def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make: CellFactory,
                  suite: Sequence[str]) -> tuple[Cell, ...]:
-    """The search runs: every tuned arm at every rate of its grid, seed 0, the main suite and budget."""
+    """The search runs: every tuned arm at every rate of its grid, seed 0, the main suite and budget.
+
+    Ordered rate by rate, the highest first (each arm's i-th highest rate, then the next): a search stopped
+    early holds whole rates, and ``--lr-grid`` without the missing ones reuses every finished run.
+    """
     overlay = scale.overlay(make.configs)
+    grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms)}
     cells = []
-    for arm in tuned_arms(arms):
-        for lr in grid_of(arm, grid):
+    for i in range(max(len(g) for g in grids.values())):
+        for arm, rates_of_arm in grids.items():
+            if i >= len(rates_of_arm):
+                continue
+            lr = rates_of_arm[i]
             if arm == REFERENCE:
                 cells += [make.cell("single", REFERENCE, 0, [t], overlay, lr) for t in suite]
             else:

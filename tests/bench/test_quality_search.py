@@ -28,16 +28,18 @@ def test_the_search_runs_each_method_and_single_at_each_rate_of_its_grid():
     arms = ("independent", "full_ft", "speclora/no_filtering")
     assert tuned_arms(arms) == ["independent", "full_ft", "speclora", "single"]
     cells = search_cells(SCALES["smoke"], arms, (1e-3, 3e-3), MAKE, SUITE)
+    # rate by rate, the highest first, so that a search stopped early holds whole rates
     assert [(c.group, c.arm, c.lr, c.tasks) for c in cells] == [
-        ("main", "independent", 1e-3, ("rte", "stsb")), ("main", "independent", 3e-3, ("rte", "stsb")),
-        ("main", "full_ft", 2e-5, ("rte", "stsb")), ("main", "full_ft", 5e-5, ("rte", "stsb")),
-        ("main", "full_ft", 1e-4, ("rte", "stsb")),
-        ("main", "speclora", 1e-3, ("rte", "stsb")), ("main", "speclora", 3e-3, ("rte", "stsb")),
+        ("main", "independent", 3e-3, ("rte", "stsb")), ("main", "full_ft", 1e-4, ("rte", "stsb")),
+        ("main", "speclora", 3e-3, ("rte", "stsb")),
+        ("single", "single", 3e-3, ("rte",)), ("single", "single", 3e-3, ("stsb",)),
+        ("main", "independent", 1e-3, ("rte", "stsb")), ("main", "full_ft", 5e-5, ("rte", "stsb")),
+        ("main", "speclora", 1e-3, ("rte", "stsb")),
         ("single", "single", 1e-3, ("rte",)), ("single", "single", 1e-3, ("stsb",)),
-        ("single", "single", 3e-3, ("rte",)), ("single", "single", 3e-3, ("stsb",))]
+        ("main", "full_ft", 2e-5, ("rte", "stsb"))]
     assert all(c.seed == 0 for c in cells)
     # the rate comes after the method's config, so it wins over full_ft.yaml's own model.optim.lr
-    full = cells[2].args
+    full = cells[-1].args
     assert full.index("--model.optim.lr") > full.index(str(REPO_CONFIGS / "methods" / "full_ft.yaml"))
     assert full[full.index("--model.optim.lr") + 1] == "2e-5"
 
@@ -71,11 +73,11 @@ def test_choice_is_the_best_validation_score_ties_to_the_smaller_rate():
 
 def test_single_is_scored_by_the_mean_over_the_suite_and_needs_every_task():
     cells = search_cells(SCALES["smoke"], ("independent",), (1e-3, 3e-3), MAKE, SUITE)
-    singles = [c for c in cells if c.arm == "single"]
+    single = {(c.lr, c.tasks[0]): c.run_id for c in cells if c.arm == "single"}
     rows = {c.run_id: _ok(10.0) for c in cells if c.arm == "independent"}
-    rows[singles[0].run_id] = _ok(50.0)  # 1e-3, rte
-    rows[singles[1].run_id] = _ok(20.0)  # 1e-3, stsb: mean 35
-    rows[singles[2].run_id] = _ok(90.0)  # 3e-3, rte; stsb missing at 3e-3: no score there
+    rows[single[1e-3, "rte"]] = _ok(50.0)
+    rows[single[1e-3, "stsb"]] = _ok(20.0)  # mean 35
+    rows[single[3e-3, "rte"]] = _ok(90.0)  # stsb missing at 3e-3: no score there
     got = choose(cells, rows)["single"]
     assert got.scores == {1e-3: 35.0, 3e-3: None} and got.lr == 1e-3
 
