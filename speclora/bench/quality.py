@@ -398,25 +398,19 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
             "lr_grid": list(grid) if grid else None,
             "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
-            **wall_time(out / META, time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
+            **wall_time(time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))
     path = report(out, args.update_doc)
     print(f"tables: {path}", flush=True)
     return path
 
 
-def wall_time(previous: Path, seconds: float, ran: int, load: tuple[float, float]) -> dict[str, Any]:
-    """The matrix's wall time summed over the invocations that ran cells (a resumed matrix adds up), with
-    this invocation's, and the machine's 1-minute load average at its start and end (a shared machine)."""
-    before = json.loads(previous.read_text()) if previous.is_file() else {}
-    total, invocations = float(before.get("wall_seconds", 0.0)), int(before.get("invocations", 0))
-    if ran:
-        total, invocations = total + seconds, invocations + 1
-    return {"wall_seconds": total, "invocations": invocations, "this_invocation_seconds": seconds,
-            "this_invocation_ran": ran, "load_average": list(load),
-            "wall": f"{total / 60:.1f} min over {invocations} invocation(s) that ran cells (this one: "
-                    f"{seconds / 60:.1f} min, {ran} cells run; 1-min load average {load[0]:.1f} at its start, "
-                    f"{load[1]:.1f} at its end)"}
+def wall_time(seconds: float, ran: int, load: tuple[float, float]) -> dict[str, Any]:
+    """This invocation's wall time, the cells it ran, and the machine's 1-minute load average at its start and
+    end (a shared machine). The matrix's own wall time is computed from the runs (report.py)."""
+    return {"this_invocation_seconds": seconds, "this_invocation_ran": ran, "load_average": list(load),
+            "this_invocation": f"{seconds / 60:.1f} min, {ran} cells run; 1-min load average {load[0]:.1f} at "
+                               f"its start, {load[1]:.1f} at its end"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

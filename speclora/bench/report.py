@@ -107,6 +107,21 @@ def _cell(stat: qs.Stat, rows: Sequence[Row], digits: int = 1) -> str:
     return stat.fmt(digits)
 
 
+def _invocation(meta: Mapping[str, Any]) -> str:
+    if "this_invocation" in meta:
+        return meta["this_invocation"]
+    if "this_invocation_seconds" in meta:  # written before the text was
+        load = meta.get("load_average") or [math.nan, math.nan]
+        return (f"{meta['this_invocation_seconds'] / 60:.1f} min, {meta.get('this_invocation_ran', '?')} cells run; "
+                f"1-min load average {load[0]:.1f} at its start, {load[1]:.1f} at its end")
+    return meta.get("wall", "?")
+
+
+def _wall(rows: Sequence[Row]) -> str:
+    seconds, n = qs.busy_seconds(rows)
+    return f"{seconds / 3600:.2f} h" if n else "?"
+
+
 def _grid(grid: Sequence[float] | None) -> str:
     return "{" + ", ".join(fmt_rate(g) for g in grid or ()) + "}"
 
@@ -360,7 +375,8 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
             f"- runs: {len(everything)} ({len(rows)} in the matrix, {len(extra)} more in the learning-rate search), "
             f"{counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; run time summed over runs "
             f"(fit + test) {run_time:.1f} min",
-            f"- matrix wall time: {meta.get('wall', '?')}"]
+            f"- matrix wall time: {_wall(everything)} (the time during which at least one of its runs was running, "
+            f"over every invocation); the last invocation: {_invocation(meta)}"]
     for key, why in plan.get("skipped", {}).items():
         out.append(f"- {key}: {why}")
     if plan.get("lr_choice"):
