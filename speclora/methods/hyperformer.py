@@ -8,9 +8,9 @@ seeds/unolora.txt §4. The paper generates Houlsby adapters
 linear, so that it runs in the harness's stacked multi-task layer and exports to peft. With task t, layer l
 and target module m of LoRA slot k (notation of docs/methods.md):
 
-    I_{t,k} = LayerNorm(h_I([z_t, l_l, p_m]))                       task projector, a ReLU MLP
-    A_{t,k} = reshape(W^A_c I_{t,k} + b^A_c) / d_I  (r, d_in)     one generator per shape class c = (d_in, d_out)
-    B_{t,k} = reshape(W^B_c I_{t,k} + b^B_c) / d_I  (d_out, r)
+    I_{t,k} = LayerNorm(h_I([z_t, l_l, p_m]))                  task projector, a ReLU MLP
+    A_{t,k} = reshape(W^A_c I_{t,k} + b^A_c) / d_I  (r, d_in)   one generator per shape class
+    B_{t,k} = reshape(W^B_c I_{t,k} + b^B_c) / d_I  (d_out, r)  c = (d_in, d_out)
     y_n     = W_k x_n + (alpha / r) · B_{t(n),k} A_{t(n),k} x_n
 
 The 1/d_I output multiplier (d_I = ``embed_dim``) makes the generated matrices move at a LoRA's pace under
@@ -122,8 +122,9 @@ class LoRAHypernetwork(nn.Module):
         for c, (d_in, d_out) in enumerate(self.shapes):  # a loop over shape classes (usually one), not rows
             ks = [k for k, shape in enumerate(self.slot_shape) if shape == c]
             emb_c = emb[:, ks]  # (T, S_c, d_I)
-            A = self.gen_A[c](emb_c).view(t, len(ks), r, d_in) * self.out_scale  # (T, S_c, r, d_in) = (W^A I + b^A)/d_I
-            B = self.gen_B[c](emb_c).view(t, len(ks), d_out, r) * self.out_scale  # (T, S_c, d_out, r) = (W^B I + b^B)/d_I
+            # A = (W^A I + b^A) / d_I, B = (W^B I + b^B) / d_I
+            A = self.gen_A[c](emb_c).view(t, len(ks), r, d_in) * self.out_scale  # (T, S_c, r, d_in)
+            B = self.gen_B[c](emb_c).view(t, len(ks), d_out, r) * self.out_scale  # (T, S_c, d_out, r)
             for j, k in enumerate(ks):
                 out[k] = (A[:, j], B[:, j])  # (T, r, d_in), (T, d_out, r)
         return out  # type: ignore[return-value]
