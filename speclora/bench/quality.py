@@ -8,10 +8,12 @@
 
 Every method of the harness (and the Table 7 ablations) runs on the same backbone, data, budget and seeds,
 each cell through :func:`speclora.cli.main` (``speclora fit`` then ``speclora test``) with the same config
-layering (speclora.bench.quality_scales). A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so
-an interrupted matrix resumes where it stopped (``--retry-failed`` reruns the failed ones). Outputs:
+layering (speclora.bench.quality_scales). First each method's learning rate is chosen on the validation
+split from a small grid, seed 0 (speclora.bench.quality_search); then every seed runs at the chosen rate.
+A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so an interrupted matrix resumes where it
+stopped and a second run of the same command runs nothing (``--retry-failed`` reruns the failed ones). Outputs:
 
-    OUT/results.csv   one line per run (method, seed, task scores, average, params, time, memory, status)
+    OUT/results.csv   one line per run (role: matrix or lr search; method, seed, rate, task scores, average, costs)
     OUT/results.md    the tables (speclora.bench.report), with the command, machine and date
     OUT/plots/*.png   the figures (speclora.bench.quality_figures), also in OUT/tensorboard
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -35,8 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from speclora.bench import quality_scales as scales
+from speclora.bench import quality_search as search
 from speclora.bench.quality_scales import Cell, Plan
 from speclora.bench.quality_worker import CELL, RESULT, run_cell, write_result
+from speclora.tasks import get_task
 
 PLAN = "plan.json"
 META = "meta.json"
@@ -115,6 +120,7 @@ def run_plan(
     keep_checkpoints: bool = False,
     timeout: float | None = None,
     progress: Callable[[str], None] = print,
+    what: str = "quality matrix",
 ) -> list[dict[str, Any]]:
     """Run every cell of the plan that has no result yet; return the rows of all cells (planned order).
 
@@ -129,15 +135,8 @@ def run_plan(
     if isolation == "inline" and jobs > 1:
         raise ValueError(f"--jobs={jobs} needs --isolation process (inline runs one cell at a time)")
     runs = out / "runs"
-    todo = []
-    for cell in plan.cells:
-        path = runs / cell.run_id / RESULT
-        if path.is_file():
-            status = json.loads(path.read_text()).get("status")
-            if not (retry_failed and status != "ok"):
-                continue
-        todo.append(cell)
-    progress(f"quality matrix: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
+    todo = pending(plan.cells, out, retry_failed)
+    progress(f"{what}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
              f"{len(todo)} to run ({isolation}, {jobs} at a time)")
 
     def one(i_cell: tuple[int, Cell]) -> None:
@@ -161,13 +160,26 @@ def run_plan(
     else:
         with ThreadPoolExecutor(jobs) as pool:
             list(pool.map(one, enumerate(todo, 1)))
-    return collect_rows(plan, out)
+    return collect_rows(plan.cells, out)
 
 
-def collect_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
+def pending(cells: Sequence[Cell], out: Path, retry_failed: bool = False) -> list[Cell]:
+    """The cells without a result file (``retry_failed``: also those whose result says failed)."""
+    todo = []
+    for cell in cells:
+        path = out / "runs" / cell.run_id / RESULT
+        if path.is_file():
+            status = json.loads(path.read_text()).get("status")
+            if not (retry_failed and status != "ok"):
+                continue
+        todo.append(cell)
+    return todo
+
+
+def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
     """One row per planned cell: its result file, else a ``missing`` row."""
     rows = []
-    for cell in plan.cells:
+    for cell in cells:
         path = out / "runs" / cell.run_id / RESULT
         if path.is_file():
             row = json.loads(path.read_text())
@@ -175,6 +187,7 @@ def collect_rows(plan: Plan, out: Path) -> list[dict[str, Any]]:
             row = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
                    "tasks": list(cell.tasks), "status": "missing", "error": "not run (yet)"}
         row["subset"] = _subset_of(cell)
+        row["lr"] = cell.lr
         rows.append(row)
     return rows
 
@@ -217,13 +230,17 @@ def report(out: Path, update_doc: Path | None = None) -> Path:
 
     plan = Plan.from_json(json.loads((out / PLAN).read_text()))
     meta = json.loads((out / META).read_text())
-    rows = collect_rows(plan, out)
-    write_csv(rows, out / "results.csv")
-    tables = markdown(rows, plan.to_json(), meta)
-    figures = write_figures(rows, plan.to_json(), out, tables)
+    rows = collect_rows(plan.cells, out)
+    search = collect_rows(plan.search, out)
+    in_matrix = {r["run_id"] for r in rows}
+    extra = [{**r, "role": "lr search"} for r in search if r["run_id"] not in in_matrix]  # rates not chosen
+    write_csv(rows + extra, out / "results.csv")
+    tables = markdown(rows, plan.to_json(), meta, search)
+    figures = write_figures(rows, plan.to_json(), out, tables, search)
     figure_lines = [f"- `{p.relative_to(out)}`" for p in figures]
+    none = "none (matplotlib is not installed: pip install 'speclora[bench]')"
     doc = tables + "\n### Figures (under the output folder; also in its `tensorboard/`)\n\n" + (
-        "\n".join(figure_lines) if figure_lines else "none (Pillow is not installed)") + "\n"
+        "\n".join(figure_lines) if figure_lines else none) + "\n"
     (out / "results.md").write_text(f"# Quality matrix: {meta['scale']}\n\n{doc}\n{MEASURES}")
     if update_doc is not None:
         splice(update_doc, meta["scale"], doc)
@@ -254,6 +271,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list of arms: all (default), methods, ablations, or names such as "
                         "independent,speclora,speclora/no_coordination; single always runs (ITR/IC reference)")
     q.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the scale's)")
+    q.add_argument("--lr-grid", default=None,
+                   help="learning rates each LoRA method is tried at, seed 0, chosen on validation (default: the "
+                        "scale's, 3e-4,1e-3,3e-3; full_ft keeps its own 2e-5,5e-5,1e-4); 'none': every arm at its "
+                        "configs' rate, no search")
     q.add_argument("--backbone", default=None, help="default: the scale's (smoke: a tiny random BERT built "
                                                     "under OUT/backbone; cpu, gpu: 'default', all-MiniLM-L6-v2)")
     q.add_argument("--data-dir", default=None, help="folder holding glue/ and superglue/ (default: $SPECLORA_DATA)")
@@ -301,12 +322,20 @@ def _list(text: str | None) -> list[str] | None:
     return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _grid(args: argparse.Namespace, scale: scales.Scale) -> tuple[float, ...] | None:
+    if args.lr_grid is None:
+        return scale.lr_grid
+    return None if args.lr_grid.strip().lower() == "none" else search.parse_grid(args.lr_grid)
+
+
 def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
+    """Search each arm's learning rate (seed 0, validation), then run the matrix at the chosen rates."""
     scale = scales.SCALES[args.scale]
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     configs = args.configs.resolve()
     arms = scales.select_arms(args.methods, configs)
+    grid = _grid(args, scale)
     seeds = args.seeds if args.seeds is not None else scale.seeds
     isolation = args.isolation or scale.isolation
     jobs = args.jobs or (scale.jobs if isolation == "process" else 1)
@@ -315,21 +344,52 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     if backbone is None:
         backbone = scales.build_tiny_backbone(out / "backbone" / "tiny-bert") if scale.tiny_backbone else "default"
     one_task = None if args.one_task is None else tuple(_list(args.one_task))
-    plan = scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
-                              fewshot=not args.no_fewshot, one_task=one_task, suite=_list(args.tasks),
-                              fewshot_tasks=_list(args.fewshot_tasks))
+    suite = [get_task(t).name for t in _list(args.tasks)] if args.tasks else scales.suite_tasks(scale.overlay(configs))
+    make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)
+    searched = search.search_cells(scale, arms, grid, make, suite) if grid else ()
+
+    def plan_at(lrs: dict[str, float | None] | None) -> Plan:
+        return scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
+                                  fewshot=not args.no_fewshot, one_task=one_task, suite=suite,
+                                  fewshot_tasks=_list(args.fewshot_tasks), lrs=lrs)
+
+    def matrix() -> Plan:
+        """The matrix at the rates the search chose (from the search results on disk)."""
+        choices = search.choose(searched, {r["run_id"]: r for r in collect_rows(searched, out)})
+        return dataclasses.replace(plan_at(search.rates(arms, choices)), search=searched,
+                                   lr_choice={a: c.to_json() for a, c in choices.items()})
+
     if args.dry_run:
-        for cell in plan.cells:
-            print(f"{cell.run_id}: speclora fit {shlex.join(cell.args)}")
-        for key, why in plan.skipped.items():
-            print(f"{key}: {why}")
+        for cell in searched:
+            print(f"[lr search] {cell.run_id}: speclora fit {shlex.join(cell.args)}")
+        if pending(searched, out):
+            print(f"then {len(plan_at(None).cells)} matrix cells at the rates the search chooses (its seed-0 "
+                  "cells are search runs)")
+        else:
+            plan = matrix()
+            for cell in plan.cells:
+                print(f"{cell.run_id}: speclora fit {shlex.join(cell.args)}")
+            for key, why in plan.skipped.items():
+                print(f"{key}: {why}")
         return out
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    todo = len(pending(searched, out, args.retry_failed))
+    if isolation == "process" and jobs > 1:
+        warm_cache(Plan(searched, tuple(suite), (), {}) if searched else matrix(), configs, scale, backbone,
+                   args.data_dir, args.cache_dir)
+    run_kw = dict(isolation=isolation, jobs=jobs, threads=threads, conflict_batches=scale.conflict_batches,
+                  retry_failed=args.retry_failed, keep_checkpoints=args.keep_checkpoints, timeout=args.run_timeout,
+                  progress=lambda s: print(s, flush=True))
+    if searched:
+        run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
+    plan = matrix()
+    for arm, choice in plan.lr_choice.items():
+        print(f"learning rate of {arm}: {search.fmt_lr(choice['lr'])} {choice['note']}".rstrip(), flush=True)
     (out / PLAN).write_text(json.dumps(plan.to_json(), indent=1))
-    start = time.perf_counter()
+    todo += len(pending(plan.cells, out, args.retry_failed))
     if isolation == "process" and jobs > 1:
         warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
-    run_plan(plan, out, isolation, jobs, threads, scale.conflict_batches, args.retry_failed, args.keep_checkpoints,
-             args.run_timeout, progress=lambda s: print(s, flush=True))
+    run_plan(plan, out, **run_kw)
     label = ("smoke run on a tiny random encoder: checks the pipeline, NOT a quality result"
              if scale.name == "smoke" else "")
     meta = {"scale": scale.name, "label": label, "command": "speclora-bench " + shlex.join(argv),
@@ -337,12 +397,21 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             "backbone": backbone if scale.tiny_backbone is False or args.backbone else
             "tiny random BERT (2 layers, hidden 32, built under OUT/backbone/tiny-bert)",
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
-            "wall": f"{(time.perf_counter() - start) / 60:.1f} min (this invocation)",
-            "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True))}
+            "lr_grid": list(grid) if grid else None,
+            "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
+            **wall_time(time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))
     path = report(out, args.update_doc)
     print(f"tables: {path}", flush=True)
     return path
+
+
+def wall_time(seconds: float, ran: int, load: tuple[float, float]) -> dict[str, Any]:
+    """This invocation's wall time, the cells it ran, and the machine's 1-minute load average at its start and
+    end (a shared machine). The matrix's own wall time is computed from the runs (report.py)."""
+    return {"this_invocation_seconds": seconds, "this_invocation_ran": ran, "load_average": list(load),
+            "this_invocation": f"{seconds / 60:.1f} min, {ran} cells run; 1-min load average {load[0]:.1f} at "
+                               f"its start, {load[1]:.1f} at its end"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,6 +3,7 @@ in TensorBoard under OUT/tensorboard.
 
     scores_main.png, scores_fewshot.png, scores_ablations.png   per-task test scores by method (mean ± std)
     curves.png           val/average and train/loss over steps, mean over seeds with a ± std band
+    lr_search.png        the learning-rate search: val/average over steps of each method at each rate (seed 0)
     spectrum.png         the spectral method's final eigenvalues (Table 3 bands) and gradient energy per band
     coordination.png     its coordination matrix ρ with the dendrogram of its hierarchical clustering
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from speclora.bench import plots
 from speclora.bench import quality_stats as qs
-from speclora.bench.quality_scales import METHOD_ARMS, SPECTRAL
+from speclora.bench.quality_scales import METHOD_ARMS, SPECTRAL, fmt_rate
 from speclora.bench.quality_worker import SPECTRAL_FILE
 from speclora.bench.report import score_table, task_label
 from speclora.spectral.filters import TABLE2_EDGES, TABLE3_EDGES
@@ -67,7 +68,19 @@ def _spectral_run(rows: Sequence[Row], out: Path) -> tuple[Row, Path] | None:
     return None
 
 
-def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, tables_md: str) -> list[Path]:
+def search_curves(search_rows: Sequence[Row]) -> list[tuple[str, str, dict[str, tuple[list, list, list]]]]:
+    """One panel per searched method: its val/average curve at each rate of its grid (seed 0)."""
+    panels: dict[str, dict[str, tuple[list, list, list]]] = {}
+    for r in sorted(qs.ok(qs.select(search_rows, "main")), key=lambda r: r.get("lr") or 0.0):
+        curve = (r.get("curves") or {}).get("val/average")
+        if curve and r.get("lr") is not None:
+            panels.setdefault(r["arm"], {})[f"lr {fmt_rate(r['lr'])}"] = qs.mean_curve([curve])
+    order = [a for a in METHOD_ARMS if a in panels] + [a for a in panels if a not in METHOD_ARMS]
+    return [(f"{arm}: val/average by rate", "val/average", panels[arm]) for arm in order]
+
+
+def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, tables_md: str,
+                  search_rows: Sequence[Row] = ()) -> list[Path]:
     """Draw every figure the results allow; returns the PNG and PDF paths (none without matplotlib)."""
     images: dict[str, np.ndarray] = {}
     written: list[Path] = []
@@ -102,6 +115,9 @@ def write_figures(rows: Sequence[Row], plan: Mapping[str, Any], out: Path, table
         panels = [(tag, tag, series) for tag, series in curves.items() if series]
         if panels:
             images["curves"] = plots.curves_chart(folder / "curves.png", panels)
+        searched = search_curves(search_rows)
+        if searched:
+            images["lr_search"] = plots.curves_chart(folder / "lr_search.png", searched)
         found = _spectral_run(rows, out)
         if found is not None:
             run, path = found

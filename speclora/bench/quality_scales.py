@@ -18,6 +18,7 @@ Groups of cells (and what they feed):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -60,6 +61,8 @@ class Scale:
         tiny_backbone: build the tiny random encoder under OUT/backbone and use it (smoke).
         conflict_batches: training batches the gradient-conflict measure reads.
         fewshot_arms: the method arms of the few-shot setting (None: every selected method).
+        lr_grid: the learning rates each LoRA method is tried at before its seeds run (speclora.bench.quality_search);
+            ``full_ft`` has its own grid (``ARM_LR_GRIDS``).
     """
 
     name: str
@@ -71,6 +74,7 @@ class Scale:
     tiny_backbone: bool = False
     conflict_batches: int = 4
     fewshot_arms: tuple[str, ...] | None = None
+    lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
 
     def overlay(self, configs: Path, fewshot: bool = False) -> Path:
         return configs / "bench" / f"{self.name}{'_fewshot' if fewshot else ''}.yaml"
@@ -78,11 +82,12 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     # CI: a 2-layer, 32-wide random BERT, 20 steps per run; the whole matrix in a few minutes on 2 cores
+    # (the learning-rate search on two rates: it checks the search, not which rate is best)
     "smoke": Scale("smoke", seeds=2, one_task=("rte",), isolation="inline", threads=1,
-                   tiny_backbone=True),
-    # the default backbone on a 2-core CPU, one torch thread (two threads thrash on a shared machine): about
-    # 75 runs of about a minute (estimated from a per-step measurement; docs/results.md)
-    "cpu": Scale("cpu", seeds=3, one_task=("rte",), isolation="inline", threads=1, conflict_batches=2,
+                   tiny_backbone=True, lr_grid=(1e-3, 3e-3)),
+    # the default backbone on a 2-core CPU, one torch thread per run (two threads thrash on a shared machine),
+    # two runs at once in separate processes (docs/results.md has the measured wall time)
+    "cpu": Scale("cpu", seeds=3, one_task=("rte",), isolation="process", jobs=2, threads=1, conflict_batches=2,
                  fewshot_arms=("independent", "shared", "mtlora", "speclora")),
     # the full offline suite on one H100-class GPU, several runs at once (16 CPU cores)
     "gpu": Scale("gpu", seeds=3, one_task=("rte", "mrpc", "cola"), isolation="process", jobs=6, threads=2),
@@ -176,47 +181,103 @@ def fewshot_availability(tasks: list[str], data_dir: str | None) -> dict[str, st
     return out
 
 
+def fmt_rate(lr: float) -> str:
+    """A learning rate as written in run ids, commands and tables: 3e-4, 1e-3, 2.5e-5."""
+    mantissa, exponent = f"{lr:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One run of the matrix: the ``speclora fit`` / ``speclora test`` arguments it shares, and what it is."""
+    """One run of the matrix: the ``speclora fit`` / ``speclora test`` arguments it shares, and what it is.
+
+    ``lr``: the learning rate the runner chose or tries for the arm (``--model.optim.lr``, after the configs);
+    None runs the configs' rate.
+    """
 
     group: str
     arm: str
     seed: int
     tasks: tuple[str, ...]
     args: tuple[str, ...] = field(compare=False)
+    lr: float | None = None
 
     @property
     def run_id(self) -> str:
         where = self.tasks[0] if self.group in ("single", "one_task", "fewshot_single") else "suite"
-        return f"{self.group}__{self.arm.replace('/', '-')}__{where}__seed{self.seed}"
+        rate = "" if self.lr is None else f"__lr{fmt_rate(self.lr)}"
+        return f"{self.group}__{self.arm.replace('/', '-')}__{where}__seed{self.seed}{rate}"
 
     def to_json(self) -> dict:
         return {"group": self.group, "arm": self.arm, "seed": self.seed, "tasks": list(self.tasks),
-                "args": list(self.args)}
+                "args": list(self.args), "lr": self.lr}
 
     @classmethod
     def from_json(cls, d: dict) -> Cell:
-        return cls(d["group"], d["arm"], int(d["seed"]), tuple(d["tasks"]), tuple(d["args"]))
+        return cls(d["group"], d["arm"], int(d["seed"]), tuple(d["tasks"]), tuple(d["args"]), d.get("lr"))
+
+
+@dataclass(frozen=True)
+class CellFactory:
+    """Builds cells with the full ``speclora`` argument list, the same layering for every cell.
+
+    configs/default.yaml, the scale overlay, the arm's method config(s), then on the command line the
+    cell's tasks, seed, backbone, data options and learning rate. Seed s sets ``seed_everything`` (data
+    order, heads, dropout) and, for LoRA methods, ``model.lora.init_seed`` (the shared initial A); full_ft
+    has no LoRA and refuses LoRA options. The rate replaces ``model.optim.lr`` (adapters and method modules;
+    the heads keep ``model.optim.head_lr``).
+    """
+
+    configs: Path
+    backbone: str
+    data_dir: str | None = None
+    cache_dir: str | None = None
+
+    def cell(self, group: str, arm: str, seed: int, tasks: list[str], overlay: Path, lr: float | None = None,
+             subset: dict[str, str] | None = None) -> Cell:
+        out = ["--config", str(self.configs / "default.yaml"), "--config", str(overlay)]
+        for f in arm_configs(arm, self.configs):
+            out += ["--config", str(f)]
+        out += ["--data.tasks", json.dumps(tasks), "--seed_everything", str(seed), "--model.backbone", self.backbone]
+        if not arm.startswith("full_ft"):
+            out += ["--model.lora.init_seed", str(seed)]
+        if self.data_dir is not None:
+            out += ["--data.data_dir", str(self.data_dir)]
+        if self.cache_dir is not None:
+            out += ["--data.cache_dir", str(self.cache_dir)]
+        if subset:
+            out += ["--data.subset", json.dumps(subset)]
+        if lr is not None:
+            out += ["--model.optim.lr", fmt_rate(lr)]
+        return Cell(group, arm, seed, tuple(tasks), tuple(out), lr)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The cells of a matrix and what was left out of it (and why)."""
+    """The cells of a matrix, what was left out of it (and why), and the learning-rate search before it.
+
+    ``search``: the cells of the learning-rate search (speclora.bench.quality_search); the seed-0 cells of
+    ``cells`` at the chosen rates are the same runs (same run id), so they are not run twice.
+    ``lr_choice``: arm -> what the search chose (``quality_search.Choice.to_json``).
+    """
 
     cells: tuple[Cell, ...]
     suite: tuple[str, ...]
     fewshot_tasks: tuple[str, ...]
     skipped: dict[str, str]
+    search: tuple[Cell, ...] = ()
+    lr_choice: dict[str, dict] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"cells": [c.to_json() for c in self.cells], "suite": list(self.suite),
-                "fewshot_tasks": list(self.fewshot_tasks), "skipped": dict(self.skipped)}
+                "fewshot_tasks": list(self.fewshot_tasks), "skipped": dict(self.skipped),
+                "search": [c.to_json() for c in self.search], "lr_choice": dict(self.lr_choice)}
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
         return cls(tuple(Cell.from_json(c) for c in d["cells"]), tuple(d["suite"]), tuple(d["fewshot_tasks"]),
-                   dict(d["skipped"]))
+                   dict(d["skipped"]), tuple(Cell.from_json(c) for c in d.get("search", [])),
+                   dict(d.get("lr_choice", {})))
 
 
 def plan_matrix(
@@ -231,48 +292,34 @@ def plan_matrix(
     one_task: tuple[str, ...] | None = None,
     suite: list[str] | None = None,
     fewshot_tasks: list[str] | None = None,
+    lrs: Mapping[str, float | None] | None = None,
 ) -> Plan:
-    """Every cell of the matrix, each with the full ``speclora`` argument list it will run with.
+    """Every cell of the matrix, each with the full ``speclora`` argument list it will run with (:class:`CellFactory`).
 
-    The layering is the same for every cell: configs/default.yaml, the scale overlay, the arm's method
-    config(s), then the cell's tasks, seed, backbone and data options on the command line. ``suite`` and
-    ``fewshot_tasks`` replace the overlays' task lists (fewer tasks for a quicker check). Seed s sets
-    ``seed_everything`` (data order, heads, dropout) and, for LoRA methods, ``model.lora.init_seed`` (the
-    shared initial A); full_ft has no LoRA and refuses LoRA options.
+    ``suite`` and ``fewshot_tasks`` replace the overlays' task lists (fewer tasks for a quicker check).
+    ``lrs``: arm (and ``single``) -> the learning rate its cells run at, in every group (the rate chosen on
+    the main suite's validation split also runs the few-shot and one-task cells); an arm missing from it
+    runs at its configs' rate.
     """
     if seeds < 1:
         raise ValueError(f"--seeds={seeds}; allowed: an integer >= 1")
-    default = configs / "default.yaml"
     suite = [get_task(t).name for t in suite] if suite else suite_tasks(scale.overlay(configs))
     skipped: dict[str, str] = {}
-
-    def args(overlay: Path, arm: str, tasks: list[str], seed: int, subset: dict[str, str] | None) -> tuple[str, ...]:
-        out = ["--config", str(default), "--config", str(overlay)]
-        for f in arm_configs(arm, configs):
-            out += ["--config", str(f)]
-        out += ["--data.tasks", json.dumps(tasks), "--seed_everything", str(seed), "--model.backbone", backbone]
-        if not arm.startswith("full_ft"):
-            out += ["--model.lora.init_seed", str(seed)]
-        if data_dir is not None:
-            out += ["--data.data_dir", str(data_dir)]
-        if cache_dir is not None:
-            out += ["--data.cache_dir", str(cache_dir)]
-        if subset:
-            out += ["--data.subset", json.dumps(subset)]
-        return tuple(out)
+    make = CellFactory(configs, backbone, data_dir, cache_dir)
+    rate = dict(lrs or {})
 
     cells: list[Cell] = []
     main_overlay = scale.overlay(configs)
     for seed in range(seeds):
         for arm in arms:
-            cells.append(Cell("main", arm, seed, tuple(suite), args(main_overlay, arm, suite, seed, None)))
+            cells.append(make.cell("main", arm, seed, suite, main_overlay, rate.get(arm)))
         for task in suite:
-            cells.append(Cell("single", REFERENCE, seed, (task,), args(main_overlay, REFERENCE, [task], seed, None)))
+            cells.append(make.cell("single", REFERENCE, seed, [task], main_overlay, rate.get(REFERENCE)))
     one = scale.one_task if one_task is None else one_task
     if SPECTRAL in arms:
         for seed in range(seeds):
             for task in one:
-                cells.append(Cell("one_task", SPECTRAL, seed, (task,), args(main_overlay, SPECTRAL, [task], seed, None)))
+                cells.append(make.cell("one_task", SPECTRAL, seed, [task], main_overlay, rate.get(SPECTRAL)))
     available: list[str] = []
     if fewshot:
         few_overlay = scale.overlay(configs, fewshot=True)
@@ -289,11 +336,10 @@ def plan_matrix(
             for seed in range(seeds):
                 subset = {t: fewshot_subset(t, seed) for t in available}
                 for arm in method_arms:
-                    cells.append(Cell("fewshot", arm, seed, tuple(available),
-                                      args(few_overlay, arm, available, seed, subset)))
+                    cells.append(make.cell("fewshot", arm, seed, available, few_overlay, rate.get(arm), subset))
                 for task in available:
-                    cells.append(Cell("fewshot_single", REFERENCE, seed, (task,),
-                                      args(few_overlay, REFERENCE, [task], seed, {task: subset[task]})))
+                    cells.append(make.cell("fewshot_single", REFERENCE, seed, [task], few_overlay,
+                                           rate.get(REFERENCE), {task: subset[task]}))
     return Plan(tuple(cells), tuple(suite), tuple(available), skipped)
 
 

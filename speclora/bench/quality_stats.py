@@ -10,6 +10,11 @@ A *row* is one run's ``result.json`` as a dict (speclora.bench.quality_worker): 
     paired difference       d_s = x_s − y_s over the seeds where both are ok;
                             d̄ ± t_{0.975, n−1} · sd(d) / √n  (95% t-interval), two-sided paired t-test p
     steps to 95%            the first validated step with val/average ≥ 0.95 · (its last val/average)
+    matrix wall time        the length of the union of the runs' [started, finished] intervals: the time during
+                            which at least one run was running, whatever the invocations (a resumed matrix adds up,
+                            idle time between invocations does not count)
+    tail change             max − min of a curve over its last fifth (steps ≥ 0.8 · the last step): "flat"
+                            when ≤ 1 point, measured on the mean curve over seeds
 
 Tasks with a non-positive (or NaN) single-task reference at a seed are left out of that seed's ITR / IC
 (the ratio means nothing there) and named in ``excluded``.
@@ -20,6 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from speclora.metrics import interference_cost, intertask_transfer_ratio
@@ -218,6 +224,34 @@ def convergence(rows: Iterable[Row], tag: str = "val/average", fraction: float =
     return {int(r["seed"]): steps_to_fraction((r.get("curves") or {}).get(tag), fraction) for r in ok(rows)}
 
 
+@dataclass(frozen=True)
+class Tail:
+    """A curve's last fraction: its max − min (``change``), the validations in it (``n``), and the rise
+    ``last − first`` within it; ``flat`` is None (can't tell) with fewer than two validations there."""
+
+    change: float
+    rise: float
+    n: int
+    flat: bool | None
+
+
+def tail(steps: Sequence[float], values: Sequence[float], fraction: float = 0.2, tol: float = 1.0) -> Tail:
+    """The change of a curve over its last ``fraction`` of steps, and whether it stays within ``tol`` points.
+
+    The window is steps ≥ (1 − fraction) · last step: [160, 200] of a 200-step run validated every 20 steps
+    (three validations). Fewer than two finite validations in it: ``flat`` None.
+    """
+    points = [(s, v) for s, v in zip(steps, values) if finite(v)]
+    if not points:
+        return Tail(math.nan, math.nan, 0, None)
+    start = (1 - fraction) * points[-1][0]
+    window = [v for s, v in points if s >= start - 1e-9]
+    if len(window) < 2:
+        return Tail(math.nan, math.nan, len(window), None)
+    change = max(window) - min(window)
+    return Tail(change, window[-1] - window[0], len(window), change <= tol)
+
+
 # ---------------------------------------------------------------------- curves over seeds
 def mean_curve(curves: Sequence[Sequence[Sequence[float]]]) -> tuple[list[float], list[float], list[float]]:
     """(steps, mean, std) over runs at the steps every run has; std 0 for one run."""
@@ -239,3 +273,23 @@ def best_baseline(rows: Iterable[Row], group: str, baselines: Sequence[str]) -> 
     scored = [(mean_std(by_seed(select(rows, group, arm)).values()).mean, arm) for arm in baselines]
     scored = [(m, a) for m, a in scored if finite(m)]
     return max(scored)[1] if scored else None
+
+
+# ---------------------------------------------------------------------- wall time
+def busy_seconds(rows: Iterable[Row]) -> tuple[float, int]:
+    """Length of the union of the runs' [started, finished] intervals (ISO times), and how many runs had both."""
+    spans = []
+    for r in rows:
+        try:
+            spans.append((datetime.fromisoformat(r["started"]), datetime.fromisoformat(r["finished"])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    total, end = 0.0, None
+    for a, b in sorted(spans):
+        if end is None or a > end:  # a gap: a new busy stretch
+            total += (b - a).total_seconds()
+            end = b
+        elif b > end:  # overlaps the current stretch: extend it
+            total += (b - end).total_seconds()
+            end = b
+    return total, len(spans)

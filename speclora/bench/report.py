@@ -4,7 +4,9 @@ Tables, each mean ± std over seeds (speclora.bench.quality_stats has the arithm
 
     Table 5      test score per task and the suite average, per method (``single``: the reference)
     Table 6      trainable parameters, fit wall time, time per step, peak memory; ITR, IC, conflict rates
-    Convergence  steps to 95% of the final validation average, and the ratio to ``independent``
+    Learning rates  each method's validation average at each rate of its grid (seed 0) and the chosen rate
+    Convergence  steps to 95% of the final validation average, the ratio to ``independent``, and whether the
+                 mean validation curve is flat over the last fifth of training; the curves themselves
     Table 7      the spectral method's ablations (configs/methods/speclora_ablations/)
     Few-shot     LM-BFF / FewGLUE subsets, tested on the official dev sets
     One task     ``speclora`` on one task alone against ``single``
@@ -22,8 +24,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from speclora.bench import quality_search
 from speclora.bench import quality_stats as qs
-from speclora.bench.quality_scales import BASELINES, METHOD_ARMS, REFERENCE, SPECTRAL
+from speclora.bench.quality_scales import BASELINES, METHOD_ARMS, REFERENCE, SPECTRAL, fmt_rate
 from speclora.tasks import get_task
 
 Row = Mapping[str, Any]
@@ -42,7 +45,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     tasks: list[str] = []
     for r in rows:
         tasks += [t for t in r.get("tasks", []) if t not in tasks]
-    fields = ["run_id", "group", "method", "seed", "tasks", "status", "error", *[f"score_{t}" for t in tasks],
+    fields = ["run_id", "role", "group", "method", "seed", "lr", "tasks", "status", "error", *[f"score_{t}" for t in tasks],
               "average", "val_best", "tested_checkpoint", "trainable_params", "encoder_side_params", "steps",
               "fit_seconds", "seconds_per_step", "test_seconds", "peak_rss_mib", "peak_cuda_mib", "device",
               "conflict_rate", "conflict_mean_cos", "conflict_trainable_rate", "steps_to_95"]
@@ -56,7 +59,8 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
             steps = r.get("steps")
             fit = r.get("fit_seconds")
             line = {
-                "run_id": r.get("run_id"), "group": r["group"], "method": r["arm"], "seed": r["seed"],
+                "run_id": r.get("run_id"), "role": r.get("role", "matrix"), "group": r["group"], "method": r["arm"],
+                "seed": r["seed"], "lr": r.get("lr"),
                 "tasks": " ".join(r.get("tasks", [])), "status": r.get("status"), "error": r.get("error") or "",
                 "average": r.get("average"), "val_best": r.get("val_best"),
                 "tested_checkpoint": r.get("tested_checkpoint"), "trainable_params": params.get("trainable"),
@@ -101,6 +105,25 @@ def _cell(stat: qs.Stat, rows: Sequence[Row], digits: int = 1) -> str:
             return "not run"
         return "n/a"
     return stat.fmt(digits)
+
+
+def _invocation(meta: Mapping[str, Any]) -> str:
+    if "this_invocation" in meta:
+        return meta["this_invocation"]
+    if "this_invocation_seconds" in meta:  # written before the text was
+        load = meta.get("load_average") or [math.nan, math.nan]
+        return (f"{meta['this_invocation_seconds'] / 60:.1f} min, {meta.get('this_invocation_ran', '?')} cells run; "
+                f"1-min load average {load[0]:.1f} at its start, {load[1]:.1f} at its end")
+    return meta.get("wall", "?")
+
+
+def _wall(rows: Sequence[Row]) -> str:
+    seconds, n = qs.busy_seconds(rows)
+    return f"{seconds / 3600:.2f} h" if n else "?"
+
+
+def _grid(grid: Sequence[float] | None) -> str:
+    return "{" + ", ".join(fmt_rate(g) for g in grid or ()) + "}"
 
 
 def _pct(x: float) -> str:
@@ -185,9 +208,11 @@ def cost_table(rows: Sequence[Row], arms: Sequence[str]) -> str:
 
 
 def convergence_table(rows: Sequence[Row], arms: Sequence[str]) -> str:
+    """Steps to 95% of the final validation average, and the mean curve's change over the last fifth."""
     ref = qs.convergence(qs.select(rows, "main", "independent"))
     ref_mean = qs.mean_std(ref.values()).mean
-    header = ["method", "steps to 95% of final val average", "ratio to independent", "final val average"]
+    header = ["method", "steps to 95% of final val average", "ratio to independent", "final val average",
+              "change over the last fifth (max − min, validations)", "flat (≤ 1 point)"]
     lines = []
     for arm in arms:
         rs = qs.select(rows, "main", arm)
@@ -196,8 +221,32 @@ def convergence_table(rows: Sequence[Row], arms: Sequence[str]) -> str:
         steps = qs.mean_std(qs.convergence(rs).values())
         final = qs.mean_std(((r.get("curves") or {}).get("val/average") or [[0, math.nan]])[-1][1] for r in qs.ok(rs))
         ratio = steps.mean / ref_mean if qs.finite(steps.mean) and qs.finite(ref_mean) and ref_mean > 0 else math.nan
-        lines.append([arm, _cell(steps, rs, 1), f"{ratio:.2f}" if qs.finite(ratio) else "–", _cell(final, rs, 1)])
+        curves = [c for c in ((r.get("curves") or {}).get("val/average") for r in qs.ok(rs)) if c]
+        t = qs.tail(*qs.mean_curve(curves)[:2]) if curves else qs.Tail(math.nan, math.nan, 0, None)
+        change = f"{t.change:.1f} ({t.n})" if qs.finite(t.change) else f"– ({t.n})"
+        flat = "yes" if t.flat else "no" if t.flat is False else "can't tell"
+        if t.flat is False:
+            flat += f" (rises {t.rise:+.1f})" if t.rise > 0 else f" ({t.rise:+.1f})"
+        lines.append([arm, _cell(steps, rs, 1), f"{ratio:.2f}" if qs.finite(ratio) else "–", _cell(final, rs, 1),
+                      change, flat])
     return _table(header, lines)
+
+
+def curves_table(rows: Sequence[Row], arms: Sequence[str], tag: str = "val/average") -> str:
+    """The mean (over seeds) validation curve of each method, one column per validation step."""
+    series = {}
+    for arm in arms:
+        curves = [c for c in ((r.get("curves") or {}).get(tag) for r in qs.ok(qs.select(rows, "main", arm))) if c]
+        if curves:
+            series[arm] = qs.mean_curve(curves)
+    steps = sorted({int(s) for st, _, _ in series.values() for s in st})
+    if not steps:
+        return "No validation curve was logged."
+    lines = []
+    for arm, (st, mean, _) in series.items():
+        at = {int(s): m for s, m in zip(st, mean)}
+        lines.append([arm, *[f"{at[s]:.1f}" if s in at and qs.finite(at[s]) else "–" for s in steps]])
+    return _table(["method \\ step", *[str(s) for s in steps]], lines)
 
 
 def ablation_table(rows: Sequence[Row], ablations: Sequence[str], tasks: Sequence[str]) -> str:
@@ -296,27 +345,48 @@ def failures(rows: Sequence[Row]) -> str:
 
 
 # ---------------------------------------------------------------------- the document
-def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """results.md: a header saying what was run where and when, then every table."""
+def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, Any],
+             search_rows: Sequence[Row] = ()) -> str:
+    """results.md: a header saying what was run where and when, then every table.
+
+    ``rows``: the matrix's cells; ``search_rows``: the learning-rate search's (its chosen seed-0 runs are
+    also matrix cells).
+    """
     suite, few = list(plan["suite"]), list(plan["fewshot_tasks"])
     main_arms = qs.arms_of(rows, "main")
     methods = [a for a in METHOD_ARMS if a in main_arms]
     ablations = [a for a in main_arms if "/" in a]
-    counts = {s: sum(r.get("status") == s for r in rows) for s in ("ok", "failed", "missing")}
+    in_matrix = {r.get("run_id") for r in rows}
+    extra = [r for r in search_rows if r.get("run_id") not in in_matrix]  # search runs at rates not chosen
+    everything = [*rows, *extra]
+    counts = {s: sum(r.get("status") == s for r in everything) for s in ("ok", "failed", "missing")}
+    run_time = sum((r.get("fit_seconds") or 0) + (r.get("test_seconds") or 0) for r in everything) / 60
     out = [f"## Scale `{meta['scale']}`: {meta.get('label', '')}".rstrip(": "), ""]
     out += [f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
             f"- backbone: {meta['backbone']}; suite: {', '.join(task_label(t) for t in suite)}; "
             f"seeds: {meta['seeds']}; isolation: {meta['isolation']}, {meta['jobs']} run(s) at a time, "
             f"torch threads {meta['threads']}",
             f"- budget of every run: {meta.get('budget', '?')}",
-            f"- runs: {len(rows)} planned, {counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; "
-            f"matrix wall time {meta.get('wall', '?')}"]
+            "- learning rate: " + (
+                f"chosen per method on the validation split from the grid {_grid(meta.get('lr_grid'))} (full_ft: "
+                f"{_grid(quality_search.ARM_LR_GRIDS['full_ft'])}), seed 0, the same budget; then every seed at the "
+                "chosen rate; the Table 7 ablations at speclora's rate; no test score enters the choice"
+                if meta.get("lr_grid") else "every method at its configs' rate (no search: `--lr-grid none`)"),
+            f"- runs: {len(everything)} ({len(rows)} in the matrix, {len(extra)} more in the learning-rate search), "
+            f"{counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; run time summed over runs "
+            f"(fit + test) {run_time:.1f} min",
+            f"- matrix wall time: {_wall(everything)} (the time during which at least one of its runs was running, "
+            f"over every invocation); the last invocation: {_invocation(meta)}"]
     for key, why in plan.get("skipped", {}).items():
         out.append(f"- {key}: {why}")
+    if plan.get("lr_choice"):
+        out += ["", "### Learning rates (chosen on validation before the seeds ran)", "",
+                quality_search.search_table(plan["lr_choice"], [*METHOD_ARMS, REFERENCE])]
     out += ["", "### Table 5: test score per task (mean ± std over seeds)", "",
             score_table(rows, "main", methods, suite, "single")[0], "",
             "### Table 6: cost, transfer and gradient conflict", "", cost_table(rows, methods), "",
-            "### Convergence", "", convergence_table(rows, methods), ""]
+            "### Convergence", "", convergence_table(rows, methods), "",
+            "Mean validation average (over seeds) at each validation step:", "", curves_table(rows, methods), ""]
     if ablations:
         out += ["### Table 7: ablations of the spectral method", "", ablation_table(rows, ablations, suite), ""]
     if few:
@@ -338,7 +408,7 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
             continue
         table, sentences = significance(rows, group, tasks)
         out += [f"**{title}**", "", table, ""] + [f"- {s}" for s in sentences] + [""]
-    out += ["### Runs that did not finish", "", failures(rows), ""]
+    out += ["### Runs that did not finish", "", failures(everything), ""]
     return "\n".join(out)
 
 
@@ -367,7 +437,14 @@ How each number is measured (speclora.bench; same code path as `speclora fit` + 
   *mean cos (W)*: their mean pairwise cosine; *shared trainable*: the same rate on the trainable coordinates
   that two or more tasks move (n/a for per-task adapters, which share none).
 - **Convergence**: the first validation step at which `val/average` reaches 95% of its last value (resolution:
-  `val_check_interval`); ratio = mean steps of the method / mean steps of independent.
+  `val_check_interval`); ratio = mean steps of the method / mean steps of independent. *Flat*: the mean
+  validation curve over seeds changes by at most 1 point (max − min) over the last fifth of the steps; with a
+  linear decay of the rate to 0 the last fifth runs at under a fifth of the peak rate, so a flat tail is
+  necessary, not sufficient, for convergence.
+- **Learning rates**: each method trains once per rate of its grid (seed 0, the main suite and budget); the
+  rate with the best validation average (the best `val/average` of the run; for `single` the mean over the
+  suite's tasks) is chosen, ties to the smaller rate; the seeds then run at it. The ablations run at
+  speclora's rate, the few-shot and one-task cells at their method's.
 - **Significance**: paired differences over seeds, d̄ ± t(0.975, n−1)·sd/√n; "better"/"worse" when the
   interval excludes 0. Few seeds give wide intervals: "no significant difference" is not "equal".
 """

@@ -8,10 +8,20 @@ seeds/unolora.txt §4. The paper generates Houlsby adapters
 linear, so that it runs in the harness's stacked multi-task layer and exports to peft. With task t, layer l
 and target module m of LoRA slot k (notation of docs/methods.md):
 
-    I_{t,k} = LayerNorm(h_I([z_t, l_l, p_m]))          task projector, a ReLU MLP
-    A_{t,k} = reshape(W^A_c I_{t,k} + b^A_c)  (r, d_in)    one generator per shape class c = (d_in, d_out)
-    B_{t,k} = reshape(W^B_c I_{t,k} + b^B_c)  (d_out, r)
+    I_{t,k} = LayerNorm(h_I([z_t, l_l, p_m]))                  task projector, a ReLU MLP
+    A_{t,k} = reshape(W^A_c I_{t,k} + b^A_c) / d_I  (r, d_in)   one generator per shape class
+    B_{t,k} = reshape(W^B_c I_{t,k} + b^B_c) / d_I  (d_out, r)  c = (d_in, d_out)
     y_n     = W_k x_n + (alpha / r) · B_{t(n),k} A_{t(n),k} x_n
+
+The 1/d_I output multiplier (d_I = ``embed_dim``) makes the generated matrices move at a LoRA's pace under
+Adam. Adam moves every generator weight by about lr per step whatever its gradient's size, so an output
+entry of a linear generator moves by up to lr · (‖I‖₁ + 1), and ‖I‖₁ ≤ √d_I ‖I‖₂ = d_I after the LayerNorm:
+without the multiplier, A and B would move up to d_I (64) times faster than the A and B of a LoRA at the same
+learning rate (measured: the update B A grew to 12 times the norm of the frozen weight it adapts within 100
+steps at lr 1e-3, and the model stopped learning). With it, an entry moves by at most lr (1 + 1/d_I), as a
+LoRA's. The initialisation is LoRA's: W^B = 0 and b = 0, so every generated B is 0 and the model starts as the
+backbone; W^A ~ N(0, d_I / (3 d_in)), so that every generated A entry has the std 1/√(3 d_in) of LoRA's
+kaiming-uniform A (I has unit variance after the LayerNorm).
 
 All (t, k) matrices come from one hypernetwork call per forward (not per row) and reach the layers through
 ``router.weights``; each layer gathers its rows' task matrices by the per-row task index, as for per-task
@@ -21,6 +31,7 @@ the generated matrices there and exports them in peft format, one folder per tas
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -47,8 +58,8 @@ class LoRAHypernetwork(nn.Module):
         task_dim: width of the task, layer-id and module embeddings (HyperFormer++: 64).
         hidden_dim: hidden width of the task projector h_I (HyperFormer: 128).
         embed_dim: width of the projected embedding I (HyperFormer: 64).
-        init_std: std of the initial weights of h_I and of the A generators (HyperFormer: 1e-2); the B
-            generators start at zero, so that every generated B is 0 and the model starts as the backbone.
+        init_std: std of the initial weights of h_I (HyperFormer: 1e-2). The generators are initialised as the
+            module docstring says (generated A like LoRA's, generated B = 0).
     """
 
     def __init__(
@@ -75,8 +86,13 @@ class LoRAHypernetwork(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.gen_A = nn.ModuleList(nn.Linear(embed_dim, rank * d_in) for d_in, _ in shapes)  # W^A_c, b^A_c
         self.gen_B = nn.ModuleList(nn.Linear(embed_dim, d_out * rank) for _, d_out in shapes)  # W^B_c, b^B_c
-        for linear in [*self.projector[::2], *self.gen_A]:
+        self.out_scale = 1.0 / embed_dim  # the 1/d_I multiplier of the generated matrices
+        for linear in self.projector[::2]:
             nn.init.normal_(linear.weight, std=init_std)
+            nn.init.zeros_(linear.bias)
+        for (d_in, _), linear in zip(shapes, self.gen_A, strict=True):
+            # A entry = (W^A I)/d_I with unit-variance I: std √d_I · std(W^A) / d_I = 1/√(3 d_in), LoRA's
+            nn.init.normal_(linear.weight, std=math.sqrt(embed_dim / (3 * d_in)))
             nn.init.zeros_(linear.bias)
         for linear in self.gen_B:
             nn.init.zeros_(linear.weight)
@@ -106,8 +122,9 @@ class LoRAHypernetwork(nn.Module):
         for c, (d_in, d_out) in enumerate(self.shapes):  # a loop over shape classes (usually one), not rows
             ks = [k for k, shape in enumerate(self.slot_shape) if shape == c]
             emb_c = emb[:, ks]  # (T, S_c, d_I)
-            A = self.gen_A[c](emb_c).view(t, len(ks), r, d_in)  # (T, S_c, r, d_in) = W^A I + b^A
-            B = self.gen_B[c](emb_c).view(t, len(ks), d_out, r)  # (T, S_c, d_out, r) = W^B I + b^B
+            # A = (W^A I + b^A) / d_I, B = (W^B I + b^B) / d_I
+            A = self.gen_A[c](emb_c).view(t, len(ks), r, d_in) * self.out_scale  # (T, S_c, r, d_in)
+            B = self.gen_B[c](emb_c).view(t, len(ks), d_out, r) * self.out_scale  # (T, S_c, d_out, r)
             for j, k in enumerate(ks):
                 out[k] = (A[:, j], B[:, j])  # (T, r, d_in), (T, d_out, r)
         return out  # type: ignore[return-value]
@@ -125,7 +142,7 @@ class HyperFormer(Method):
         task_dim: width of the task, layer-id and module embeddings.
         hidden_dim: hidden width of the task projector network h_I.
         embed_dim: width of the projected embedding I fed to the generators.
-        init_std: std of the initial weights of h_I and the A generators (the B generators start at zero).
+        init_std: std of the initial weights of the task projector h_I (the generators start as LoRA's A and B).
     """
 
     name: ClassVar[str] = "hyperformer"

@@ -109,3 +109,43 @@ def test_without_pillow_the_tables_still_come_and_tensorboard_gets_the_curves(tm
     assert write_figures(_with_curves(_toy()), plan, tmp_path, "tables") == []
     assert not (tmp_path / "plots").exists()
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_convergence_says_whether_the_mean_curve_is_flat_and_the_report_shows_the_search():
+    from speclora.bench.quality_search import Choice
+
+    rows = _toy()
+    for r in rows:
+        if r["status"] == "ok" and r["group"] == "main":
+            rising = r["arm"] == "speclora"  # speclora still climbs 4 points over the last fifth
+            r["curves"] = {"val/average": [[10, 40.0], [20, 50.0], [30, 55.0], [40, 56.0 if rising else 60.0],
+                                           [50, 60.0]]}
+    plan = {"suite": ["rte", "copa"], "fewshot_tasks": [], "skipped": {},
+            "lr_choice": {"independent": Choice("independent", {1e-3: 51.0, 3e-3: 52.5}, 3e-3).to_json()}}
+    meta = {"scale": "cpu", "command": "c", "machine": "m", "date": "d", "backbone": "b", "seeds": 2,
+            "isolation": "inline", "jobs": 1, "threads": 1, "lr_grid": [1e-3, 3e-3]}
+    search = [_row("main", "independent", 0, {"rte": 1.0, "copa": 1.0}, run_id="extra", lr=1e-3)]
+    doc = markdown(rows, plan, meta, search)
+    conv = doc.split("### Convergence")[1].split("###")[0]
+    assert "| independent |" in conv and "| 0.0 (2) | yes |" in conv.split("| independent |")[1].split("\n")[0]
+    assert "| 4.0 (2) | no (rises +4.0) |" in conv.split("| speclora |")[1].split("\n")[0]
+    assert "| method \\ step | 10 | 20 | 30 | 40 | 50 |" in conv and "| speclora | 40.0 | 50.0 | 55.0 | 56.0 | 60.0 |" in conv
+    assert "| independent | 1e-3: 51.0 · **3e-3: 52.5** | 3e-3 | every cell |" in doc
+    assert "grid {1e-3, 3e-3} (full_ft: {2e-5, 5e-5, 1e-4})" in doc
+    assert "runs: 13 (12 in the matrix, 1 more in the learning-rate search)" in doc
+
+
+def test_search_figure_has_one_panel_per_method_and_one_curve_per_rate():
+    from speclora.bench.quality_figures import search_curves
+
+    curve = [[10, 40.0], [20, 50.0]]
+    rows = [_row("main", arm, 0, {"rte": 1.0}, lr=lr, curves={"val/average": curve})
+            for arm in ("shared", "hyperformer") for lr in (3e-3, 3e-4)]
+    rows.append(_row("single", "single", 0, {"rte": 1.0}, lr=1e-3, curves={"val/average": curve}))
+    rows.append(_row("main", "shared", 0, {"rte": 1.0}, status="failed", lr=1e-3))
+    panels = search_curves(rows)
+    assert [(title, list(series)) for title, _, series in panels] == [
+        ("shared: val/average by rate", ["lr 3e-4", "lr 3e-3"]), ("hyperformer: val/average by rate", ["lr 3e-4", "lr 3e-3"])]
+    rows.reverse()  # panels in the methods' order whatever the order of the runs
+    assert [title for title, _, _ in search_curves(rows)][0].startswith("shared")
+    assert panels[0][2]["lr 3e-4"] == ([10.0, 20.0], [40.0, 50.0], [0.0, 0.0])

@@ -14,6 +14,7 @@ from speclora.bench.quality_scales import (
     Cell,
     Plan,
     fewshot_availability,
+    fmt_rate,
     plan_matrix,
     select_arms,
 )
@@ -21,21 +22,26 @@ from speclora.bench.quality_scales import (
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory, data_root, tiny_backbone):
-    """Two tasks, the spectral method, one baseline and one ablation, two seeds, the single-task case on RTE."""
+    """Two tasks, the spectral method, one baseline and one ablation, two seeds, the single-task case on RTE,
+    each method's learning rate chosen from two rates."""
     out = tmp_path_factory.mktemp("bench") / "smoke"
     cache = tmp_path_factory.getbasetemp() / "token_cache"
     argv = ["quality", "--scale", "smoke", "--out", str(out), "--methods", "independent,speclora,speclora/no_coordination",
             "--seeds", "2", "--tasks", "rte,stsb", "--one-task", "rte", "--no-fewshot", "--backbone", tiny_backbone,
-            "--data-dir", str(data_root), "--cache-dir", str(cache)]
+            "--data-dir", str(data_root), "--cache-dir", str(cache), "--lr-grid", "3e-3,1e-3"]
     assert quality.main(argv) == 0
     return out, argv
 
 
 def test_the_smoke_matrix_writes_every_table(smoke):
     out, _ = smoke
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    lines = list(csv.DictReader((out / "results.csv").open()))
+    assert {r["status"] for r in lines} == {"ok"}, [r["error"] for r in lines]
+    rows = [r for r in lines if r["role"] == "matrix"]
     # 3 arms x 2 seeds, single x 2 tasks x 2 seeds, speclora on RTE alone x 2 seeds
-    assert len(rows) == 12 and {r["status"] for r in rows} == {"ok"}, [r["error"] for r in rows]
+    assert len(rows) == 12
+    # and the search runs at the rates not chosen: independent, speclora, single on 2 tasks
+    assert len(lines) == 16 and {r["seed"] for r in lines if r["role"] == "lr search"} == {"0"}
     assert {(r["group"], r["method"]) for r in rows} == {
         ("main", "independent"), ("main", "speclora"), ("main", "speclora/no_coordination"),
         ("single", "single"), ("one_task", "speclora")}
@@ -43,23 +49,54 @@ def test_the_smoke_matrix_writes_every_table(smoke):
         assert float(r["trainable_params"]) > 0 and float(r["fit_seconds"]) > 0 and float(r["peak_rss_mib"]) > 0
         assert r["conflict_rate"] != "" or r["group"] != "main"
     doc = (out / "results.md").read_text()
-    for title in ("Table 5", "Table 6", "Convergence", "Table 7", "Single-task case", "Significance",
-                  "smoke run on a tiny random encoder"):
+    for title in ("Table 5", "Table 6", "Convergence", "Table 7", "Single-task case", "Significance", "Learning rates",
+                  "smoke run on a tiny random encoder", "Mean validation average (over seeds) at each validation step"):
         assert title in doc
     table5 = doc.split("### Table 5")[1].split("###")[0]
     assert "| speclora | 2/2 |" in table5 and "| single (reference, one run per task) | 4/4 |" in table5
     assert "| no_coordination | 2/2 |" in doc
-    for png in ("scores_main", "scores_ablations", "curves", "spectrum", "coordination"):
+    for png in ("scores_main", "scores_ablations", "curves", "lr_search", "spectrum", "coordination"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    spectral = json.loads((out / "runs" / "main__speclora__suite__seed0" / "result.json").read_text())
+    lr = json.loads((out / "plan.json").read_text())["lr_choice"]["speclora"]["lr"]
+    run = out / "runs" / f"main__speclora__suite__seed0__lr{fmt_rate(lr)}"
+    spectral = json.loads((run / "result.json").read_text())
     assert spectral["spectral"]["num_nodes"] == 2 * 2 * 8  # 2 (A, B) x T=2 x 8 slots of the tiny BERT
     assert spectral["curves"]["val/average"] and not list(out.rglob("*.ckpt"))
-    one = json.loads((out / "runs" / "one_task__speclora__rte__seed0" / "result.json").read_text())
+    one = json.loads((out / "runs" / f"one_task__speclora__rte__seed0__lr{fmt_rate(lr)}" / "result.json").read_text())
     # one task: the graph keeps its intra-task and inter-layer edges and has no inter-task edge
     edges = one["spectral"]["edges"]
     assert edges["inter_task"] == 0 and edges["intra"] > 0 and edges["inter_layer"] > 0
     assert one["scores"].keys() == {"rte"}
+
+
+def test_each_method_runs_at_the_rate_with_the_best_validation_score(smoke):
+    out, _ = smoke
+    plan = json.loads((out / "plan.json").read_text())
+    search = [Cell.from_json(c) for c in plan["search"]]
+    assert {(c.arm, c.lr) for c in search} == {(a, lr) for a in ("independent", "speclora", "single")
+                                                 for lr in (1e-3, 3e-3)}
+    assert all(c.seed == 0 and f"--model.optim.lr {fmt_rate(c.lr)}" in " ".join(c.args) for c in search)
+    results = {c.run_id: json.loads((out / "runs" / c.run_id / "result.json").read_text()) for c in search}
+    for arm in ("independent", "speclora", "single"):
+        val = {}  # rate -> validation score: the run's best val/average (single: mean over its tasks)
+        for c in (c for c in search if c.arm == arm):
+            val.setdefault(c.lr, []).append(results[c.run_id]["val_best"])
+        val = {lr: sum(v) / len(v) for lr, v in val.items()}
+        chosen = plan["lr_choice"][arm]["lr"]
+        assert val[chosen] == max(val.values()), (arm, val, chosen)
+        assert dict(plan["lr_choice"][arm]["scores"]) == pytest.approx(val)
+    cells = [Cell.from_json(c) for c in plan["cells"]]
+    rate = {a: plan["lr_choice"][a]["lr"] for a in ("independent", "speclora", "single")}
+    for c in cells:  # every cell at its method's rate; the ablation at speclora's
+        assert c.lr == rate["speclora" if c.arm.startswith("speclora") else c.arm], c.run_id
+    # the seed-0 cells at the chosen rates are the search runs themselves: nothing ran twice
+    assert {c.run_id for c in cells if c.seed == 0 and c.arm != "speclora/no_coordination" and c.group != "one_task"} <= {
+        c.run_id for c in search}
+    assert len(list((out / "runs").iterdir())) == 16
+    doc = (out / "results.md").read_text()
+    table = doc.split("### Learning rates")[1].split("###")[0]
+    assert f"**{fmt_rate(rate['speclora'])}: " in table.split("| speclora |")[1].split("\n")[0]
 
 
 def test_resume_skips_finished_runs(smoke, monkeypatch, capsys):
@@ -71,8 +108,14 @@ def test_resume_skips_finished_runs(smoke, monkeypatch, capsys):
 
     monkeypatch.setattr(quality, "run_cell", must_not_run)
     assert quality.main(argv) == 0
-    assert "12 cells, 12 already done, 0 to run" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "learning-rate search: 8 cells, 8 already done, 0 to run" in printed
+    assert "quality matrix: 12 cells, 12 already done, 0 to run" in printed
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")} == before
+    assert json.loads((out / "meta.json").read_text())["this_invocation_ran"] == 0  # the second run ran nothing
+    # the matrix's wall time comes from its runs, so a second invocation that ran nothing leaves it as it was
+    wall = (out / "results.md").read_text().split("- matrix wall time: ")[1].split(" h ")[0]
+    assert float(wall) > 0
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path, tiny_backbone, data_root):

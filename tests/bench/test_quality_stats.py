@@ -83,3 +83,28 @@ def test_mean_curve_and_best_baseline():
             _row("main", "z", 0, {"a": 90.0}), _row("main", "w", 0, {}, status="failed")]
     assert qs.best_baseline(rows, "main", ["x", "y", "w"]) == "y"
     assert qs.best_baseline(rows, "main", ["w"]) is None
+
+
+def test_tail_change_over_the_last_fifth():
+    steps = [20.0, 40.0, 60.0, 80.0, 100.0]
+    # window: steps >= 80 -> 70.0, 70.8: change 0.8, flat
+    t = qs.tail(steps, [10.0, 50.0, 65.0, 70.0, 70.8])
+    assert t.n == 2 and t.change == pytest.approx(0.8) and t.rise == pytest.approx(0.8) and t.flat is True
+    # still rising by 3 points over the last fifth: not flat
+    t = qs.tail(steps, [10.0, 50.0, 65.0, 67.0, 70.0])
+    assert t.change == pytest.approx(3.0) and t.flat is False
+    # one validation in the window: can't tell; NaNs are skipped
+    assert qs.tail([50.0, 100.0], [1.0, 2.0]).flat is None
+    assert qs.tail(steps, [math.nan] * 5).n == 0
+    t = qs.tail([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0], [0, 0, 0, 0, 0, 0, 0, 70.0, 72.0, 71.0])
+    assert t.n == 3 and t.change == pytest.approx(2.0) and t.rise == pytest.approx(1.0) and t.flat is False
+
+
+def test_matrix_wall_time_is_the_union_of_the_runs_intervals():
+    def run(a, b):
+        return {"started": f"2026-01-01T10:{a:02d}:00+00:00", "finished": f"2026-01-01T10:{b:02d}:00+00:00"}
+
+    # two runs at once (0-10, 5-12), a gap, then 20-25, and one nested run (21-22): 12 + 5 minutes
+    rows = [run(0, 10), run(5, 12), run(20, 25), run(21, 22), {"status": "missing"}]
+    assert qs.busy_seconds(rows) == (17 * 60.0, 4)
+    assert qs.busy_seconds([]) == (0.0, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModel
 
-from speclora.methods import HyperFormer
+from speclora.methods import HyperFormer, Independent, Shared
+from speclora.model.lora import lora_modules
 from speclora.model.module import LoRAConfig, SpecLoRAModule
 from tests.methods.cli_run import _fit
 
@@ -87,6 +89,92 @@ def test_b_starts_at_zero_so_the_model_starts_as_the_backbone(tiny_backbone):
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
         torch.testing.assert_close(module.encode(batch), frozen[:, 0])
+
+
+def test_generated_a_starts_like_loras_a(tiny_backbone):
+    # LoRA's A is kaiming-uniform (a = sqrt 5): U(-1/sqrt(d_in), 1/sqrt(d_in)), std 1/sqrt(3 d_in); d_in = 32
+    module = _module(tiny_backbone)
+    A = torch.stack([A for A, _ in module.method.generate(module)])  # (S, T, r, d_in)
+    lora = SpecLoRAModule(TASKS, backbone=tiny_backbone, lora=LoRAConfig(r=R, alpha=ALPHA, dropout=0.0))
+    lora_A = torch.stack([layer.lora_A for _, layer in lora_modules(lora.encoder)])  # (S, T, r, d_in)
+    assert float(A.std()) == pytest.approx(1 / math.sqrt(3 * 32), rel=0.15)
+    assert float(A.std()) == pytest.approx(float(lora_A.std()), rel=0.15)
+    assert (A[:, 0] - A[:, 1]).abs().max() > 1e-3  # per task from the start
+
+
+def _toy_step(module: SpecLoRAModule, opt: torch.optim.Optimizer, batch, target) -> float:
+    """One AdamW step on a toy regression of the pooled vectors; returns the loss before the step."""
+    loss = (module.encode(batch) - target).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _adapter_params(module: SpecLoRAModule) -> list[torch.nn.Parameter]:
+    return [p for n, p in module.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+
+
+def _generated_or_own_B(module: SpecLoRAModule) -> list[torch.Tensor]:
+    """Per slot: the B of every task, (T, d_out, r): generated (HyperFormer) or the layer's parameter."""
+    with torch.no_grad():
+        if module.method_name == "hyperformer":
+            return [B.clone() for _, B in module.method.generate(module)]
+        return [layer.lora_B.detach().clone() for _, layer in lora_modules(module.encoder)]
+
+
+def test_one_adam_step_moves_a_generated_entry_no_more_than_a_loras(tiny_backbone):
+    # Adam's first step moves every weight by lr·sign(g); a generated entry (W I + b)/d_I then moves by at
+    # most lr (‖I‖₁ + 1)/d_I ≤ lr (1 + 1/d_I), as ‖I‖₁ ≤ √d_I ‖I‖₂ < d_I after the LayerNorm. Without the
+    # 1/d_I multiplier it moved by up to lr (‖I‖₁ + 1), ~50 lr here: 50 times a LoRA's step.
+    lr, d_I = 1e-3, 64
+    batch, target = _batch(), torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    steps = {}
+    for method in (HyperFormer(embed_dim=d_I), Independent()):
+        torch.manual_seed(0)
+        module = _module(tiny_backbone, method=method)
+        before = _generated_or_own_B(module)
+        _toy_step(module, torch.optim.AdamW(_adapter_params(module), lr=lr, weight_decay=0.0), batch, target)
+        steps[method.name] = max(float((b - a).abs().max()) for a, b in zip(before, _generated_or_own_B(module)))
+    assert steps["independent"] == pytest.approx(lr, rel=1e-3)  # a LoRA's B: lr·sign(g)
+    assert lr / 10 < steps["hyperformer"] <= lr * (1 + 1 / d_I)
+
+
+@pytest.mark.slow
+def test_the_generated_update_grows_at_a_loras_pace_and_the_loss_drops_as_fast(tiny_backbone):
+    # 15 AdamW steps (lr 1e-3) on a toy regression of the pooled vectors. Measured before the fix: the generated
+    # update B A grew to 9.9 times the norm of the weight it adapts (independent LoRA: 0.32), 31 times as large.
+    batch, target = _batch(), torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    size, drop = {}, {}
+    for method in (HyperFormer(), Shared(), Independent()):
+        torch.manual_seed(0)
+        module = _module(tiny_backbone, method=method)
+        opt = torch.optim.AdamW(_adapter_params(module), lr=1e-3, weight_decay=0.0)
+        losses = [_toy_step(module, opt, batch, target) for _ in range(15)]
+        layers = [layer for _, layer in lora_modules(module.encoder)]
+        with torch.no_grad():
+            weights = (module.method.generate(module) if method.name == "hyperformer"
+                       else [(layer.lora_A, layer.lora_B) for layer in layers])
+            # ‖ΔW_t‖ / ‖W‖ = ‖(alpha/r) B_t A_t‖ / ‖W‖, mean over tasks and layers
+            rel = [(layer.scaling * B @ A).flatten(1).norm(dim=1) / layer.base.weight.norm()
+                   for layer, (A, B) in zip(layers, weights)]  # (T,) each
+        size[method.name] = float(torch.cat(rel).mean())
+        drop[method.name] = losses[0] - losses[-1]
+    assert 0.25 < size["hyperformer"] / size["independent"] < 4, size
+    assert drop["hyperformer"] > 0.5 * drop["shared"] > 0, drop
+
+
+def test_from_the_second_step_every_hypernetwork_tensor_gets_gradient(tiny_backbone):
+    # step 1: B = 0, so only the B generators get gradient (as only a LoRA's B does); then all of it
+    module = _module(tiny_backbone)
+    batch, target = _batch(), torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(_adapter_params(module), lr=1e-3)
+    _toy_step(module, opt, batch, target)
+    first = {n for n, p in module.method_net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert first == {"gen_B.0.weight", "gen_B.0.bias"}
+    _toy_step(module, opt, batch, target)
+    for name, p in module.method_net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_one_generation_per_forward_and_a_per_row_gather(tiny_backbone):

@@ -1,0 +1,175 @@
+"""Each method at its best learning rate, chosen the same way for all, before the seeds run.
+
+The search: every tuned arm (each method of the matrix, and ``single``) trains once, seed 0, on the main
+suite with the main budget, at each rate of its grid; the rate with the best validation average wins:
+
+    score(arm, lr) = val_best of the seed-0 run             (the best ``val/average`` of the run, the one
+                                                              its tested checkpoint was chosen by)
+    score(single, lr) = mean over the suite's tasks t of val_best of the seed-0 ``single`` run on t
+    chosen(arm)    = argmax_lr score(arm, lr)                (a tie goes to the smaller rate)
+
+Only validation splits are read: no test score enters the choice. The seeds then run at the chosen rate,
+and the seed-0 cell at that rate *is* the search run (same arguments, same run id), so it is not run twice.
+
+- Grids: ``Scale.lr_grid`` (3e-4, 1e-3, 3e-3; the default job's 1e-3 in the middle, HyperFormer's 3e-4 at
+  the bottom) for every LoRA method; ``full_ft`` trains the whole encoder and has its own grid around the
+  BERT fine-tuning rates (2e-5 .. 1e-4, ``ARM_LR_GRIDS``). The rate replaces ``model.optim.lr`` (adapters and
+  method modules); the heads keep ``model.optim.head_lr`` (1e-3), the same for every method.
+- The Table 7 ablations are not searched: each runs at the spectral method's chosen rate, so that an
+  ablation changes one thing. Few-shot and one-task cells run at the arm's rate chosen on the main suite.
+- An arm whose search runs all failed has no choice: its cells run at its configs' rate, and the report
+  says so (``Choice.note``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from speclora.bench.quality_scales import REFERENCE, SPECTRAL, Cell, CellFactory, Scale, fmt_rate
+
+# full fine-tuning of the encoder: BERT's 2e-5..5e-5 (Devlin et al. 2019, §A.3) and one step above for the
+# small MiniLM; configs/methods/full_ft.yaml's 5e-5 in the middle
+ARM_LR_GRIDS: dict[str, tuple[float, ...]] = {"full_ft": (2e-5, 5e-5, 1e-4)}
+
+Row = Mapping[str, Any]
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    """``--lr-grid``: a comma list of positive rates.
+
+    Raises:
+        ValueError: naming the flag, the value given and what is allowed.
+    """
+    try:
+        values = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"--lr-grid={text!r}; allowed: a comma list of positive numbers (e.g. 3e-4,1e-3,3e-3), "
+                         "or 'none' to run every arm at its configs' rate")
+    return tuple(sorted(set(values)))
+
+
+def tuned_arm(arm: str) -> str:
+    """The arm whose search sets this arm's rate: an ablation ``speclora/<x>`` takes the spectral method's."""
+    return SPECTRAL if "/" in arm else arm
+
+
+def tuned_arms(arms: Sequence[str]) -> list[str]:
+    """The arms searched for a selection of arms: its methods (the spectral method for any ablation), and single."""
+    out: list[str] = []
+    for arm in arms:
+        if tuned_arm(arm) not in out:
+            out.append(tuned_arm(arm))
+    return [*out, REFERENCE]
+
+
+def grid_of(arm: str, grid: Sequence[float]) -> tuple[float, ...]:
+    return ARM_LR_GRIDS.get(arm, tuple(grid))
+
+
+def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make: CellFactory,
+                 suite: Sequence[str]) -> tuple[Cell, ...]:
+    """The search runs: every tuned arm at every rate of its grid, seed 0, the main suite and budget.
+
+    Ordered rate by rate, the highest first (each arm's i-th highest rate, then the next): a search stopped
+    early holds whole rates, and ``--lr-grid`` without the missing ones reuses every finished run.
+    """
+    overlay = scale.overlay(make.configs)
+    grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms)}
+    cells = []
+    for i in range(max(len(g) for g in grids.values())):
+        for arm, rates_of_arm in grids.items():
+            if i >= len(rates_of_arm):
+                continue
+            lr = rates_of_arm[i]
+            if arm == REFERENCE:
+                cells += [make.cell("single", REFERENCE, 0, [t], overlay, lr) for t in suite]
+            else:
+                cells.append(make.cell("main", arm, 0, list(suite), overlay, lr))
+    return tuple(cells)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The search of one arm: its validation score at each rate (None: no ok run), and the chosen rate."""
+
+    arm: str
+    scores: dict[float, float | None]
+    lr: float | None
+    note: str = ""
+    failed: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"arm": self.arm, "scores": [[lr, s] for lr, s in self.scores.items()], "lr": self.lr,
+                "note": self.note, "failed": list(self.failed)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Choice:
+        return cls(d["arm"], {float(lr): s for lr, s in d["scores"]}, d["lr"], d.get("note", ""),
+                   list(d.get("failed", [])))
+
+
+def _val(row: Row | None) -> float | None:
+    if row is None or row.get("status") != "ok":
+        return None
+    v = row.get("val_best")
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def choose(cells: Sequence[Cell], rows: Mapping[str, Row]) -> dict[str, Choice]:
+    """arm -> its :class:`Choice`, from the search cells and their results (``rows``: run id -> result)."""
+    by_arm: dict[str, dict[float, list[Cell]]] = {}
+    for c in cells:
+        by_arm.setdefault(c.arm, {}).setdefault(float(c.lr), []).append(c)
+    out = {}
+    for arm, per_lr in by_arm.items():
+        scores: dict[float, float | None] = {}
+        failed = []
+        for lr, group in sorted(per_lr.items()):
+            values = [_val(rows.get(c.run_id)) for c in group]
+            failed += [c.run_id for c in group if (rows.get(c.run_id) or {}).get("status") == "failed"]
+            # a single's score needs every task of the suite: a mean over fewer tasks is another number
+            scores[lr] = sum(values) / len(values) if all(v is not None for v in values) else None
+        scored = [(v, -lr) for lr, v in scores.items() if v is not None]
+        if scored:
+            best = max(scored)
+            out[arm] = Choice(arm, scores, -best[1], "", failed)
+        elif failed:
+            out[arm] = Choice(arm, scores, None, f"every search run failed ({len(failed)})",
+                              failed)
+        else:
+            out[arm] = Choice(arm, scores, None, "search not run yet")
+    return out
+
+
+def rates(arms: Sequence[str], choices: Mapping[str, Choice]) -> dict[str, float | None]:
+    """arm (every selected arm, ablations included, and single) -> the rate its cells run at."""
+    out = {}
+    for arm in [*arms, REFERENCE]:
+        choice = choices.get(tuned_arm(arm))
+        out[arm] = choice.lr if choice is not None else None
+    return out
+
+
+def fmt_lr(lr: float | None) -> str:
+    return "configs' rate" if lr is None else fmt_rate(lr)
+
+
+def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> str:
+    """Markdown: per tuned arm, its validation score at each rate of its grid and the chosen rate."""
+    lines = ["| method | validation average at each rate (seed 0; chosen in bold) | chosen rate | runs at it |",
+             "| --- | --- | --- | --- |"]
+    for arm in [a for a in order if a in choices]:
+        c = Choice.from_json(choices[arm])
+        cells = []
+        for lr, v in c.scores.items():
+            text = f"{fmt_rate(lr)}: " + ("failed" if v is None and c.failed else "–" if v is None else f"{v:.1f}")
+            cells.append(f"**{text}**" if lr == c.lr else text)
+        runs_at = "every cell" if arm != SPECTRAL else "every cell, and the Table 7 ablations"
+        lines.append(f"| {arm} | {' · '.join(cells)} | {fmt_lr(c.lr)}{' (' + c.note + ')' if c.note else ''} "
+                     f"| {runs_at} |")
+    return "\n".join(lines)

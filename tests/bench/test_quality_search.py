@@ -1,0 +1,111 @@
+"""The learning-rate search of the quality matrix: its cells, the choice on validation scores, the rates used."""
+
+from __future__ import annotations
+
+import pytest
+
+from speclora.bench.quality_scales import REPO_CONFIGS, SCALES, CellFactory, fmt_rate, plan_matrix
+from speclora.bench.quality_search import (
+    Choice,
+    choose,
+    grid_of,
+    parse_grid,
+    rates,
+    search_cells,
+    search_table,
+    tuned_arms,
+)
+
+MAKE = CellFactory(REPO_CONFIGS, "b")
+SUITE = ["rte", "stsb"]
+
+
+def _ok(val: float) -> dict:
+    return {"status": "ok", "val_best": val}
+
+
+def test_the_search_runs_each_method_and_single_at_each_rate_of_its_grid():
+    arms = ("independent", "full_ft", "speclora/no_filtering")
+    assert tuned_arms(arms) == ["independent", "full_ft", "speclora", "single"]
+    cells = search_cells(SCALES["smoke"], arms, (1e-3, 3e-3), MAKE, SUITE)
+    # rate by rate, the highest first, so that a search stopped early holds whole rates
+    assert [(c.group, c.arm, c.lr, c.tasks) for c in cells] == [
+        ("main", "independent", 3e-3, ("rte", "stsb")), ("main", "full_ft", 1e-4, ("rte", "stsb")),
+        ("main", "speclora", 3e-3, ("rte", "stsb")),
+        ("single", "single", 3e-3, ("rte",)), ("single", "single", 3e-3, ("stsb",)),
+        ("main", "independent", 1e-3, ("rte", "stsb")), ("main", "full_ft", 5e-5, ("rte", "stsb")),
+        ("main", "speclora", 1e-3, ("rte", "stsb")),
+        ("single", "single", 1e-3, ("rte",)), ("single", "single", 1e-3, ("stsb",)),
+        ("main", "full_ft", 2e-5, ("rte", "stsb"))]
+    assert all(c.seed == 0 for c in cells)
+    # the rate comes after the method's config, so it wins over full_ft.yaml's own model.optim.lr
+    full = cells[-1].args
+    assert full.index("--model.optim.lr") > full.index(str(REPO_CONFIGS / "methods" / "full_ft.yaml"))
+    assert full[full.index("--model.optim.lr") + 1] == "2e-5"
+
+
+def test_the_seed0_matrix_cell_at_the_chosen_rate_is_the_search_run():
+    cells = search_cells(SCALES["smoke"], ("independent",), (1e-3, 3e-3), MAKE, SUITE)
+    plan = plan_matrix(SCALES["smoke"], ("independent",), 2, REPO_CONFIGS, "b", fewshot=False, one_task=(),
+                       suite=SUITE, lrs={"independent": 3e-3, "single": 1e-3})
+    searched = {c.run_id: c.args for c in cells}
+    seed0 = [c for c in plan.cells if c.seed == 0]
+    assert [c.run_id for c in seed0] == ["main__independent__suite__seed0__lr3e-3", "single__single__rte__seed0__lr1e-3",
+                                         "single__single__stsb__seed0__lr1e-3"]
+    assert all(searched[c.run_id] == c.args for c in seed0)  # same run id, same command
+    assert all(c.run_id not in searched for c in plan.cells if c.seed == 1)
+
+
+def test_choice_is_the_best_validation_score_ties_to_the_smaller_rate():
+    cells = search_cells(SCALES["smoke"], ("independent", "shared"), (3e-4, 1e-3, 3e-3), MAKE, ["rte"])
+    val = {("independent", 3e-4): 50.0, ("independent", 1e-3): 61.5, ("independent", 3e-3): 60.0,
+           ("shared", 3e-4): 55.0, ("shared", 1e-3): 55.0, ("shared", 3e-3): 54.0,
+           ("single", 3e-4): 40.0, ("single", 1e-3): 45.0, ("single", 3e-3): 70.0}
+    rows = {c.run_id: _ok(val[c.arm, c.lr]) for c in cells}
+    # test scores are never read: a test average that would pick another rate changes nothing
+    rows[cells[0].run_id]["average"] = 99.0
+    got = choose(cells, rows)
+    assert {a: c.lr for a, c in got.items()} == {"independent": 1e-3, "shared": 3e-4, "single": 3e-3}
+    assert got["independent"].scores == {3e-4: 50.0, 1e-3: 61.5, 3e-3: 60.0}
+    assert rates(("independent", "shared", "speclora/no_filtering"), got) == {
+        "independent": 1e-3, "shared": 3e-4, "speclora/no_filtering": None, "single": 3e-3}
+
+
+def test_single_is_scored_by_the_mean_over_the_suite_and_needs_every_task():
+    cells = search_cells(SCALES["smoke"], ("independent",), (1e-3, 3e-3), MAKE, SUITE)
+    single = {(c.lr, c.tasks[0]): c.run_id for c in cells if c.arm == "single"}
+    rows = {c.run_id: _ok(10.0) for c in cells if c.arm == "independent"}
+    rows[single[1e-3, "rte"]] = _ok(50.0)
+    rows[single[1e-3, "stsb"]] = _ok(20.0)  # mean 35
+    rows[single[3e-3, "rte"]] = _ok(90.0)  # stsb missing at 3e-3: no score there
+    got = choose(cells, rows)["single"]
+    assert got.scores == {1e-3: 35.0, 3e-3: None} and got.lr == 1e-3
+
+
+def test_an_arm_whose_search_failed_says_so_and_runs_at_its_configs_rate():
+    cells = search_cells(SCALES["smoke"], ("independent",), (1e-3,), MAKE, ["rte"])
+    rows = {c.run_id: {"status": "failed", "val_best": None} for c in cells}
+    got = choose(cells, rows)
+    assert got["independent"].lr is None and got["independent"].note == "every search run failed (1)"
+    assert choose(cells, {})["independent"].note == "search not run yet"
+    table = search_table({a: c.to_json() for a, c in got.items()}, ["independent", "single"])
+    assert "| independent | 1e-3: failed | configs' rate (every search run failed (1)) |" in table
+    assert Choice.from_json(got["independent"].to_json()) == got["independent"]
+
+
+def test_table_marks_the_chosen_rate():
+    choice = Choice("shared", {3e-4: 50.0, 1e-3: 61.25, 3e-3: None}, 1e-3)
+    table = search_table({"shared": choice.to_json()}, ["shared"])
+    assert "| shared | 3e-4: 50.0 · **1e-3: 61.2** · 3e-3: – | 1e-3 | every cell |" in table
+
+
+@pytest.mark.parametrize("text", ["", "0", "1e-3,-1", "fast", "nan"])
+def test_a_bad_grid_names_the_flag(text):
+    with pytest.raises(ValueError, match=r"--lr-grid=.*allowed: a comma list of positive numbers"):
+        parse_grid(text)
+
+
+def test_grid_parsing_and_rate_spelling():
+    assert parse_grid("3e-3, 1e-3,1e-3") == (1e-3, 3e-3)
+    assert grid_of("full_ft", (1e-3,)) == (2e-5, 5e-5, 1e-4) and grid_of("shared", (1e-3,)) == (1e-3,)
+    assert [fmt_rate(x) for x in (3e-4, 1e-3, 0.003, 2.5e-5, 1.0)] == ["3e-4", "1e-3", "3e-3", "2.5e-5", "1e0"]
