@@ -160,7 +160,7 @@ def build(variant: str, args) -> Callable[[dict, str], None]:
             torch.nn.init.normal_(layer.lora_B, std=0.01)
 
         def loss_of(batch: dict) -> torch.Tensor:
-            return model._total_loss(model(batch))[0]
+            return model.batch_loss(batch)[0]  # the training step's own loss: batched heads, no host read
 
     if variant == "infer":
         model.eval()
