@@ -29,9 +29,10 @@ import lightning as L
 import torch
 
 from speclora.bench import measure
-from speclora.data.datamodule import DEFAULT_SUITE, MultiTaskDataModule
+from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
+from speclora.tasks import DEFAULT_SUITE
 
 MODULE = "speclora.bench.spectral_overhead"
 

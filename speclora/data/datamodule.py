@@ -44,13 +44,12 @@ from speclora.data.tokenized import (
     tokenizer_fingerprint,
 )
 from speclora.model.backbone import resolve_backbone
-from speclora.tasks import Example, TaskSpec, get_task, resolve_tasks
+from speclora.tasks import DEFAULT_SUITE, Example, TaskSpec, get_task, resolve_tasks
 from speclora.tasks.registry import LARGE_TASK_HOLDOUT
 
 log = logging.getLogger(__name__)
 
 # The tasks of the default suite: every task whose training data is in ../shared/data in full.
-DEFAULT_SUITE = ["cola", "sst2", "mrpc", "stsb", "rte", "cb", "copa", "wic", "wsc", "multirc"]
 
 Stage = Literal["train", "validation", "test", "predict"]
 

@@ -40,6 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from speclora.checks import check_int
 from speclora.methods.base import Method
 from speclora.model.backbone import resolve_backbone
 from speclora.model.lora import AdapterRouter, LoRASlot, matches_target
@@ -315,18 +316,10 @@ class MTLoRA(Method):
             raise ValueError(f"model.method.init_args.reg_weight={reg_weight}; allowed: a number >= 0")
         if not 0.0 <= shared_fraction < 1.0:
             raise ValueError(f"model.method.init_args.shared_fraction={shared_fraction}; allowed: 0 <= f < 1")
-        if isinstance(svd_every, bool) or not isinstance(svd_every, int) or svd_every < 1:
-            raise ValueError(f"model.method.init_args.svd_every={svd_every!r}; allowed: an integer >= 1")
+        check_int("model.method.init_args.svd_every", svd_every)
         if block not in ("attention", "ffn", "both"):
             raise ValueError(f"model.method.init_args.block={block!r}; allowed: 'attention', 'ffn', 'both'")
-        if (
-            isinstance(routing_group_size, bool)
-            or not isinstance(routing_group_size, int)
-            or routing_group_size < 1
-        ):
-            raise ValueError(
-                f"model.method.init_args.routing_group_size={routing_group_size!r}; allowed: an integer >= 1"
-            )
+        check_int("model.method.init_args.routing_group_size", routing_group_size)
         unused = [
             (f"{k}={v!r}", switch)
             for k, v, default, switch in (
@@ -510,7 +503,7 @@ class MTLoRA(Method):
             for key in ("format", "method", "r", "lora_alpha", "sites", "tasks"):
                 if got.get(key) != want[key]:
                     raise ValueError(f"{path}: {key} = {got.get(key)!r}, but the module has {want[key]!r}")
-            module.heads.heads[t].load_state_dict(load_file(str(path.parent / "head.safetensors")))
+            module.heads.load_head(t, path.parent)
         state = load_file(str(Path(in_dir) / tasks[0] / STATE_WEIGHTS))
         params = _raw_state(module)
         if set(state) != set(params):

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speclora.checks import is_int_in
+
 __all__ = [
     "DEFAULT_TARGETS",
     "AdapterRouter",
@@ -336,9 +338,9 @@ def matches_target(name: str, target: str) -> bool:
 
 
 def _check_hparams(num_adapters: int, r: int, alpha: float, dropout: float) -> None:
-    if not isinstance(num_adapters, int) or num_adapters < 1:
+    if not is_int_in(num_adapters, 1):
         raise ValueError(f"num_adapters: expected an integer >= 1, got {num_adapters!r}")
-    if not isinstance(r, int) or r < 1:
+    if not is_int_in(r, 1):
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
     if not alpha > 0:
         raise ValueError(f"alpha: expected a number > 0, got {alpha!r}")

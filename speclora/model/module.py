@@ -6,7 +6,6 @@ with λ_t = 1 (``uniform``) or λ_t = T·n_t / Σ_s n_s (``size``, n_t the task'
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -29,7 +28,7 @@ from speclora.checkpoint import (
     with_entries,
 )
 from speclora.methods import Independent, Method, get_method
-from speclora.metrics import TaskMetrics
+from speclora.metrics import TaskMetrics, suite_average
 from speclora.model.backbone import resolve_backbone
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
@@ -410,16 +409,18 @@ class SpecLoRAModule(L.LightningModule):
             gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
             torch.distributed.all_gather_object(gathered, entries)
             entries = sorted({e for g in gathered for e in g})
-        task_scores: dict[str, list[float]] = {}
+        scores: dict[str, float] = {}
         for entry in entries:
             values = self.metrics[entry].compute()
             self.metrics[entry].reset()
             for name, value in values.items():
                 self.log(f"{stage}/{entry}/{name}", value, add_dataloader_idx=False, sync_dist=False)
-            task_scores.setdefault(self._entry_task[entry], []).append(float(values["score"]))
-        if task_scores:
+            scores[entry] = float(values["score"])
+        if scores:
             # suite average: the plain mean of task scores; MNLI's entries average into one task score
-            average = sum(sum(v) / len(v) for v in task_scores.values()) / len(task_scores)
+            seen = {self._entry_task[entry] for entry in scores}
+            evaluated = [spec for spec in self.specs if spec.name in seen]
+            average = suite_average(scores, evaluated)
             self.log(f"{stage}/average", average, prog_bar=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
@@ -543,16 +544,9 @@ class SpecLoRAModule(L.LightningModule):
             written.append(folder)
         return written
 
-    def write_task_head(self, t: int, folder: Path) -> None:
-        """Task t's head (head.safetensors) and its description (speclora_task.json) into ``folder``."""
-        from safetensors.torch import save_file
-
-        spec = self.specs[t]
-        head = {k: v.detach().cpu().contiguous() for k, v in self.heads.heads[t].state_dict().items()}
-        save_file(head, str(folder / "head.safetensors"))
-        (folder / "speclora_task.json").write_text(json.dumps(
-            {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-             "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method_name}, indent=2))
+    def write_task_head(self, t: int, folder: Path, **meta: Any) -> None:
+        """Task t's head and its description (pooling, method, then ``meta``) into ``folder`` (TaskHeads.save_head)."""
+        self.heads.save_head(t, Path(folder), pooling=self.pooling, method=self.method_name, **meta)
 
     def import_adapters(self, in_dir: str | Path) -> None:
         """Load adapters (and heads) written by :meth:`export_adapters` (the method's format)."""
@@ -560,8 +554,6 @@ class SpecLoRAModule(L.LightningModule):
 
     def import_peft_adapters(self, in_dir: str | Path) -> None:
         """Load peft folders (and heads) written by :meth:`export_peft_adapters` back into their task slots."""
-        from safetensors.torch import load_file
-
         from speclora.model.peft_io import import_adapter
 
         in_dir = Path(in_dir)
@@ -570,7 +562,7 @@ class SpecLoRAModule(L.LightningModule):
             if not folder.is_dir():
                 raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
             import_adapter(self.encoder, folder, self.method.adapter_of_task(t))
-            self.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+            self.heads.load_head(t, folder)
 
 
 def _config(value: Any, cls: type, key: str) -> Any:

@@ -25,6 +25,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speclora.checks import is_int_in
 from speclora.model.lora import MultiTaskLoRALinear, lora_modules, matches_target
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter"]
@@ -59,7 +60,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, MultiTaskLoRALinear]]:
 
 def _check_adapter(adapter: int, layers: list[tuple[str, MultiTaskLoRALinear]]) -> None:
     num = layers[0][1].num_adapters
-    if not isinstance(adapter, int) or not 0 <= adapter < num:
+    if not is_int_in(adapter, 0, num - 1):
         raise ValueError(f"adapter: expected an index in [0, {num - 1}], got {adapter!r}")
 
 

@@ -66,6 +66,7 @@ from speclora.spectral.graph import (
     class_subgraph,
     graph_statistics,
 )
+from speclora.spectral.regularizer import dirichlet_energy_of, high_pass_energy_projected
 from speclora.spectral.response import REST_RULES, ClassFilter, ResponseSettings
 
 log = logging.getLogger(__name__)
@@ -388,8 +389,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
                 c_delta = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
                 g2 = g2.add_(delta, alpha=2 * self.gamma)
                 low[: filt.k].sub_(c_delta, alpha=2 * self.gamma)
-                energy = torch.linalg.vector_norm(delta).square() - c_delta.square().sum()
-                reg_values.append(self.gamma * energy.clamp_min(0))
+                reg_values.append(high_pass_energy_projected(delta, c_delta, self.gamma))
             elif self.regularizer == "dirichlet" and self.gamma > 0:
                 g2, value = self._dirichlet(c, g2, theta[c] - self.theta0[c])
                 reg_values.append(value)
@@ -408,7 +408,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
     def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
         ld = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c)
-        return g.add_(ld, alpha=2 * self.gamma), self.gamma * (delta * ld).sum()
+        return g.add_(ld, alpha=2 * self.gamma), dirichlet_energy_of(delta, ld, self.gamma)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
