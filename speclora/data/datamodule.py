@@ -30,6 +30,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from speclora.backbone import resolve_backbone
 from speclora.data.glue_readers import read_tsv
 from speclora.data.mixture import MixtureBatchSampler, mixing_probabilities
 from speclora.data.sources import DIAGNOSTICS, KNOWN_MISSING, read_hub_split, read_split, resolve_data_root
@@ -43,7 +44,6 @@ from speclora.data.tokenized import (
     tokenize_examples,
     tokenizer_fingerprint,
 )
-from speclora.model.backbone import resolve_backbone
 from speclora.tasks import DEFAULT_SUITE, Example, TaskSpec, get_task, resolve_tasks
 from speclora.tasks.registry import LARGE_TASK_HOLDOUT
 

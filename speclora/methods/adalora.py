@@ -38,9 +38,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from speclora.backbone import resolve_backbone
 from speclora.checks import check_int, is_int_in
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 
 if TYPE_CHECKING:
     from peft import PeftModel

@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from speclora.backbone import resolve_backbone
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule

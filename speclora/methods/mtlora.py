@@ -40,9 +40,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from speclora.backbone import resolve_backbone
 from speclora.checks import check_int
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 from speclora.model.lora import AdapterRouter, LoRASlot, matches_target
 from speclora.tasks import TaskSpec
 

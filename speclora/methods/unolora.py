@@ -28,9 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from speclora.backbone import resolve_backbone
 from speclora.checks import check_int
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 from speclora.model.lora import DEFAULT_TARGETS, lora_modules
 
 if TYPE_CHECKING:

@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from speclora.backbone import resolve_backbone
 from speclora.checkpoint import (
     IDENTITY_KEY,
     backbone_fingerprint,
@@ -29,7 +30,6 @@ from speclora.checkpoint import (
 )
 from speclora.methods import Independent, Method, get_method
 from speclora.metrics import TaskMetrics, suite_average
-from speclora.model.backbone import resolve_backbone
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
 from speclora.model.step import (
