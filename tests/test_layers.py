@@ -78,3 +78,51 @@ def test_the_reader_sees_every_import():
 def test_data_does_not_import_model():
     assert "model" not in part_graph()["data"]
     assert "data" not in part_graph()["model"]
+
+
+def test_model_does_not_import_methods():
+    # the module is handed its method (speclora.model.method.Method); methods build on model, never back
+    graph = part_graph()
+    assert "methods" not in graph["model"]
+    assert "methods" not in graph["spectral"] and "methods" not in graph["data"]
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A circle of imports between parts (as a path a → … → a), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_between_parts():
+    assert _cycle(part_graph()) is None
+
+
+MAX_LINES = 450  # STYLE.md: files of one concept, roughly 100-400 lines
+
+
+def test_no_file_of_the_package_is_over_the_limit():
+    long = {str(p.relative_to(PACKAGE)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}, f"split these files into files of one concept (at most {MAX_LINES} lines): {long}"

@@ -51,7 +51,7 @@ from speclora.spectral.callback_refresh import RefreshMixin
 from speclora.spectral.callback_state import StateMixin
 from speclora.spectral.correlation import EdgeCorrelation
 from speclora.spectral.devices import float32_math
-from speclora.spectral.eigen import SOLVERS, dense_threshold_for
+from speclora.spectral.eigen import SOLVERS
 from speclora.spectral.filters import (
     TABLE3_COEFFICIENTS,
     TABLE3_EDGES,
@@ -294,24 +294,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self._graph_stats = stats
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
-
-    def _check_solver(self, device: torch.device) -> None:
-        """LOBPCG needs n_c >= 3k in every class it solves on ``device``: a clear error before training."""
-        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
-            n_c, k_c = ids.numel(), self.class_k[c]
-            if self.class_solver(n_c, device) == "lobpcg" and n_c < 3 * k_c:
-                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
-                raise ValueError(
-                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
-                    f"has n={n_c} nodes and is solved by LOBPCG on {device}, which needs n >= 3k = {3 * k_c}; "
-                    f"lower k to at most {n_c // 3}, or use {fix}")
-
-    def class_solver(self, n: int, device: torch.device | str) -> str:
-        """The solver of an n-node class on ``device``: ``dense`` or ``lobpcg`` (``auto`` resolved)."""
-        if self.solver != "auto":
-            return self.solver
-        threshold = self.dense_threshold if self.dense_threshold is not None else dense_threshold_for(device)
-        return "dense" if n <= threshold else "lobpcg"
 
     def _reset_caches(self) -> None:
         n_classes = len(self.layout.shape_classes)
