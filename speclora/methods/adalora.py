@@ -280,8 +280,7 @@ class AdaLoRA(Method):
             raise RuntimeError(
                 "AdaLoRA: total_step is unset; the module's on_fit_start sets it (or call set_total_step)"
             )
-        lora = [p for n, p in module.encoder.named_parameters() if "lora_" in n and ADAPTER_NAME in n]
-        if any(p.grad is None for p in lora):  # the module dropped a non-finite step: no sensitivity to read
+        if module.last_step_skipped:  # the module dropped a non-finite step: no sensitivity to read
             rank_zero_warn(f"AdaLoRA: no gradients at step {module.global_step + 1}; rank allocation skipped")
             return
         step, config = int(module.global_step) + 1, self.config  # global_step does not count this step yet

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from speclora.backbone import resolve_backbone
@@ -151,7 +151,7 @@ class SpecLoRAModule(L.LightningModule):
         self._entry_index = {entry: t for t, spec in enumerate(self.specs) for entry in (spec.name, *spec.eval_names)}
         self._train_log = TrainLog([s.name for s in self.specs])  # losses summed on the device
         self._guard = NonFiniteGuard()
-        self._skipped_reported = 0  # skipped steps already reported (host side)
+        self.last_step_skipped: bool | None = None  # set where the module reads the step's flag on the host
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
@@ -195,26 +195,37 @@ class SpecLoRAModule(L.LightningModule):
         total = sum(self.task_weights[t] * loss for t, loss in per_task.items())
         return total, per_task
 
+    def step_skipped(self) -> Tensor | None:
+        """() bool device flag, True where this optimizer step is skipped (a gradient is not finite); None
+        when no parameter has a gradient. The one non-finite check of the step (NonFiniteGuard.step_flag),
+        run on the gradients the backward left (a method's per-micro-batch surgery included) by whoever asks
+        first: the spectral callback before it transforms them, else :meth:`on_before_optimizer_step`."""
+        grads = lambda: [p.grad for p in self.parameters() if p.grad is not None]  # noqa: E731
+        return self._guard.step_flag(grads, self.skipped_steps, self.global_step)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        # A non-finite gradient (from any method or callback) must never reach the parameters. One check of
-        # all gradients writes a device flag; a fused AdamW reads it and leaves parameters and moments as
-        # they were (no host read); otherwise the flag is read now and the step's gradients are dropped
-        # (AdamW skips parameters whose .grad is None). Skipped steps are counted and reported.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # The end of the step's gradient pipeline (docs/architecture.md): the step's flag goes to the
+        # optimizer, so a non-finite gradient never reaches the parameters. A fused AdamW reads it and leaves
+        # parameters and moments as they were (no host read); otherwise the flag is read now and the step's
+        # gradients are dropped (AdamW skips parameters whose .grad is None). Skips are counted and reported.
+        skipped = self.step_skipped()
+        self._guard.end_step()
+        self.last_step_skipped = None  # the host's view, set where the flag is read on the host (AdaLoRA reads it)
         on_device = self._skips_on_device(optimizer)
         if on_device:
             optimizer.found_inf = None
-        if not grads:
+        if skipped is None:
             return
-        found = self._guard.check(grads)  # () 1.0 where a gradient is not finite
-        self._guard.count(self.skipped_steps, self.global_step)
+        found = self._guard.found_inf  # () 1.0 where a gradient is not finite
         if on_device:
             optimizer.found_inf = found  # the fused kernel skips the update where it is set
         elif self._grad_scaler() is not None:
             pass  # fp16 AMP: the grad scaler finds the same inf, skips the step and lowers its scale
-        elif bool(found):  # host read: this optimizer cannot skip on the device
-            optimizer.zero_grad(set_to_none=True)
-            self._report_skipped(int(self.skipped_steps), self.global_step)
+        else:
+            self.last_step_skipped = bool(skipped)  # host read: this optimizer cannot skip on the device
+            if self.last_step_skipped:
+                optimizer.zero_grad(set_to_none=True)
+                self._guard.report(int(self.skipped_steps), self.global_step)
 
     def _grad_scaler(self):
         trainer = self._trainer
@@ -226,14 +237,8 @@ class SpecLoRAModule(L.LightningModule):
         reads_grads_after = type(self.method).after_optimizer_step is not Method.after_optimizer_step
         return supports_found_inf(optimizer) and self._grad_scaler() is None and not reads_grads_after
 
-    def _report_skipped(self, skipped: int, last: int) -> None:
-        if skipped > self._skipped_reported:
-            new = skipped - self._skipped_reported
-            self._skipped_reported = skipped
-            rank_zero_warn(f"non-finite gradient: {new} update(s) skipped, the last at step {last} "
-                           f"({skipped} skipped so far)")
-
     def on_after_backward(self) -> None:
+        # a method's gradient surgery (Ortho), per micro-batch: the step's non-finite check sees its result
         self.method.after_backward(self, self._step_task_losses)
         self._step_task_losses = {}
 
@@ -322,7 +327,7 @@ class SpecLoRAModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
-        self._report_skipped(int(skipped), int(last))
+        self._guard.report(int(skipped), int(last))
         if "loss" in values:
             # shown as a number: a logged tensor on the bar would be read back from the device every step
             self.trainer.progress_bar_metrics["train/loss"] = values["loss"]

@@ -339,7 +339,11 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
 
     def _filter_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         G = self._signals(grad=True, buffer="grad")  # [(n_c, p_c)]
-        finite = self.corr.update(G)  # () bool on the device; the EMAs move only where it holds
+        # the step's skipped flag (the module's one non-finite check of all gradients, taken before this
+        # transform); a bare model without one (tests' Toy) leaves it to the EMA's own finiteness test
+        step_skipped = getattr(pl_module, "step_skipped", None)
+        skipped = step_skipped() if callable(step_skipped) else None
+        finite = self.corr.update(G, skipped)  # () bool on the device; the EMAs move only where it holds
         step = trainer.global_step
         if any(f is None for f in self.filters) or step % self.refresh_every == 0:
             if not self.refresh(trainer) and any(f is None for f in self.filters):
