@@ -21,6 +21,7 @@ file) resumes from the latest validated step. A dry run (``--trainer.fast_dev_ru
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -29,7 +30,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 IDENTITY_KEY = "_extra_state"  # where nn.Module.get_extra_state puts the root module's extra state
 
@@ -122,3 +126,37 @@ class BestAndLastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # not ModelCheckpoint.on_train_end: in Lightning 2.6 it writes last.ckpt even under fast_dev_run
         self._save_last_if_stale(trainer)
+
+
+# ---------------------------------------------------------------------- the RNG, for an exact resume
+def rng_state(trainer: L.Trainer | None) -> dict[str, Any]:
+    """The global generators dropout draws from (torch, and CUDA once initialised), for the checkpoint's
+    ``speclora_rng``. Under DDP every rank draws its own dropout masks (its batches differ): each rank's
+    generators are gathered (dump_checkpoint runs on every rank; rank 0 writes the file) under ``ranks``."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    world = trainer.world_size if trainer is not None else 1
+    if world > 1:
+        ranks: list[dict[str, Any]] = [{} for _ in range(world)]
+        torch.distributed.all_gather_object(ranks, state)
+        state = {**ranks[0], "ranks": ranks}
+    return state
+
+
+def restore_rng_state(state: dict[str, Any] | None, trainer: L.Trainer | None) -> None:
+    """Set the generators :func:`rng_state` saved (this rank's, where the world size is the same); a
+    checkpoint without them is loaded with a warning (dropout after resume differs from the original run)."""
+    if state is None:
+        log.warning("checkpoint holds no RNG state: dropout after resume will differ from the original run")
+        return
+    ranks = state.get("ranks")
+    if ranks is not None and trainer is not None:
+        if len(ranks) == trainer.world_size:
+            state = ranks[trainer.global_rank]
+        elif trainer.state.fn == "fit":
+            rank_zero_warn(f"checkpoint saved by {len(ranks)} ranks, resumed by {trainer.world_size}: every "
+                           "rank continues rank 0's random stream, so dropout differs from the original run")
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

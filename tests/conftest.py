@@ -34,7 +34,7 @@ def tiny_backbone(tmp_path_factory) -> str:
     """A 2-layer, 32-wide random BERT saved with the packaged MiniLM tokenizer; returns its folder."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from speclora.model.backbone import default_backbone_path
+    from speclora.backbone import default_backbone_path
 
     out = tmp_path_factory.mktemp("tiny_bert")
     tok = AutoTokenizer.from_pretrained(str(default_backbone_path()))

@@ -3,6 +3,7 @@ exits 0 on success and non-zero on failure, export writes adapters that plain pe
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -40,6 +41,18 @@ def test_every_config_parses(config, tiny_backbone, data_root):
     )
     assert cli.model.specs and [s.name for s in cli.model.specs] == cli.datamodule.tasks
     assert cli.trainer is not None
+
+
+@pytest.mark.parametrize("config", ["default.yaml", "suites/default.yaml", "bench/gpu.yaml"])
+def test_configs_spell_the_default_suite_of_the_registry(config):
+    # the default suite is defined once (speclora.tasks.DEFAULT_SUITE); the configs that write it out match it
+    import yaml
+
+    from speclora.data.datamodule import MultiTaskDataModule
+    from speclora.tasks import DEFAULT_SUITE
+
+    assert yaml.safe_load((REPO / "configs" / config).read_text())["data"]["tasks"] == DEFAULT_SUITE
+    assert inspect.signature(MultiTaskDataModule).parameters["tasks"].default == DEFAULT_SUITE
 
 
 def test_fit_then_test_through_the_cli(tiny_backbone, data_root, tmp_path):

@@ -41,9 +41,10 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
     import lightning as L
     import torch
 
-    from speclora.data.datamodule import DEFAULT_SUITE, MultiTaskDataModule
+    from speclora.data.datamodule import MultiTaskDataModule
     from speclora.methods import get_method
     from speclora.model.module import SpecLoRAModule
+    from speclora.tasks import DEFAULT_SUITE
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -179,15 +179,13 @@ def coordination_figure(R: np.ndarray, node_task: np.ndarray, node_layer: np.nda
     clustering on 1 − |ρ|, the dendrogram above it. A strip under each matrix gives each node's task."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
-    from scipy.cluster.hierarchy import dendrogram, linkage
-    from scipy.spatial.distance import squareform
+    from scipy.cluster.hierarchy import dendrogram
+
+    from speclora.spectral.visual import cluster_linkage
 
     n = R.shape[0]
     order = np.lexsort((node_layer, node_task))  # (n,) by task, then layer
-    D = np.clip(1 - np.abs(R), 0, None).astype(np.float64)  # (n, n) distance 1 − |ρ|
-    np.fill_diagonal(D, 0.0)
-    D = (D + D.T) / 2
-    Z = linkage(squareform(D, checks=False), method="average") if n > 1 else None
+    Z = cluster_linkage(R)  # on the distance 1 − |ρ|, as the TensorBoard heatmap
     leaves = np.asarray(dendrogram(Z, no_plot=True)["leaves"]) if Z is not None else np.arange(n)
 
     fig = _figure(11.0, 6.6)

@@ -351,7 +351,7 @@ def build_tiny_backbone(folder: Path) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from speclora.model.backbone import default_backbone_path
+    from speclora.backbone import default_backbone_path
 
     if (folder / "config.json").is_file():
         return str(folder)

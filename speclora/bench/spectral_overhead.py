@@ -29,9 +29,11 @@ import lightning as L
 import torch
 
 from speclora.bench import measure
-from speclora.data.datamodule import DEFAULT_SUITE, MultiTaskDataModule
+from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import Independent
 from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
+from speclora.tasks import DEFAULT_SUITE
 
 MODULE = "speclora.bench.spectral_overhead"
 
@@ -73,7 +75,7 @@ def hook_times(backbone: str, repeat: int) -> dict[str, float]:
     from types import SimpleNamespace
 
     torch.manual_seed(0)
-    module = SpecLoRAModule(DEFAULT_SUITE, backbone=backbone, method="independent")
+    module = SpecLoRAModule(DEFAULT_SUITE, backbone=backbone, method=Independent())
     module.log = lambda *args, **kwargs: None  # no trainer: logging is not timed
     callback = SpectralGraphCallback(log_every=10**9, heatmap_every=0)
     trainer = SimpleNamespace(global_step=1, world_size=1, logger=None)
@@ -119,8 +121,8 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None] | None = None) ->
                                      batch_size=args.batch_size, max_eval_per_task=8)
     datamodule.prepare_data()
     torch.manual_seed(0)
-    plain_module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method="independent")
-    spectral_module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method="independent")
+    plain_module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method=Independent())
+    spectral_module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method=Independent())
     spectral_module.load_state_dict(plain_module.state_dict())
     plain, spec, shares, paired = [], [], [], []
     for r in range(args.rounds):

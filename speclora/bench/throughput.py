@@ -35,11 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from speclora.backbone import resolve_backbone
 from speclora.bench import measure
-from speclora.data.datamodule import DEFAULT_SUITE, MultiTaskDataModule
-from speclora.model.backbone import resolve_backbone
+from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules, resolve_targets
 from speclora.model.module import LoRAConfig, SpecLoRAModule
+from speclora.tasks import DEFAULT_SUITE
 
 MODULE = "speclora.bench.throughput"
 SHORT_SUITE = ["cola", "sst2"]  # single sentences: where dynamic padding has room to help

@@ -22,157 +22,34 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from speclora.data.glue_readers import read_tsv
+from speclora.backbone import resolve_backbone
+from speclora.data.loaders import EntryCollator, MixedTrain, ResumableLoader, ShardSampler, TaskPart
 from speclora.data.mixture import MixtureBatchSampler, mixing_probabilities
-from speclora.data.sources import DIAGNOSTICS, KNOWN_MISSING, read_hub_split, read_split, resolve_data_root
-from speclora.data.superglue_readers import read_jsonl
+from speclora.data.predict_inputs import PREDICT_DIAGNOSTICS, PredictInputs, read_predict_diagnostic
+from speclora.data.sources import read_hub_split, read_split, resolve_data_root
 from speclora.data.tokenized import (
     MultiTaskCollator,
     TokenizedSplit,
     cache_key,
     file_fingerprint,
     load_or_tokenize,
-    tokenize_examples,
     tokenizer_fingerprint,
 )
-from speclora.model.backbone import resolve_backbone
-from speclora.tasks import Example, TaskSpec, get_task, resolve_tasks
+from speclora.tasks import DEFAULT_SUITE, Example, TaskSpec, get_task, resolve_tasks
 from speclora.tasks.registry import LARGE_TASK_HOLDOUT
 
 log = logging.getLogger(__name__)
 
-# The tasks of the default suite: every task whose training data is in ../shared/data in full.
-DEFAULT_SUITE = ["cola", "sst2", "mrpc", "stsb", "rte", "cb", "copa", "wic", "wsc", "multirc"]
-
 Stage = Literal["train", "validation", "test", "predict"]
 
-# Diagnostics predicted with the test files: entry -> (file under the data root, the entailment tasks whose
-# head predicts it, preferred first). GLUE's AX is download_glue_data.py's diagnostic/diagnostic.tsv (not in
-# shared/data), read with MNLI's columns; SuperGLUE's AX-b/AX-g are read as RTE (AX-b names its fields
-# sentence1/sentence2). GLUE RTE and SuperGLUE RTE are the same data, so either head predicts AX-b/AX-g.
-PREDICT_DIAGNOSTICS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "ax": ("glue/diagnostic/diagnostic.tsv", ("mnli",)),
-    "ax_b": (DIAGNOSTICS["AX-b"], ("sg_rte", "rte")),
-    "ax_g": (DIAGNOSTICS["AX-g"], ("sg_rte", "rte")),
-}
-
-
-def read_predict_diagnostic(entry: str, data_root: Path) -> list[Example]:
-    """The unlabelled inputs of a diagnostic entry of :data:`PREDICT_DIAGNOSTICS` (labels are not read).
-
-    Raises:
-        ValueError: an unknown entry. FileNotFoundError: naming the path expected under the data root.
-    """
-    if entry not in PREDICT_DIAGNOSTICS:
-        raise ValueError(f"unknown diagnostic entry {entry!r}; allowed: {', '.join(PREDICT_DIAGNOSTICS)}")
-    rel, _ = PREDICT_DIAGNOSTICS[entry]
-    path = Path(data_root) / rel
-    if not path.is_file():
-        hint = (" (download_glue_data.py writes it as glue_data/diagnostic/diagnostic.tsv; shared/data does"
-                " not hold it)" if entry == "ax" else "")
-        raise FileNotFoundError(f"diagnostic {entry}: file not found: {path} (expected {rel} under the data "
-                                f"root){hint}")
-    if path.suffix == ".tsv":
-        return read_tsv(get_task("mnli"), path, labelled=False, headerless=False)
-    return read_jsonl(get_task("sg_rte"), path, labelled=False)
-
-
-class _Part(Dataset):
-    """A view of some examples of a tokenised split, tagged with its task index."""
-
-    def __init__(self, split: TokenizedSplit, rows: torch.Tensor, task_index: int) -> None:
-        self.split = split
-        self.rows = rows  # (n,) long indices into the split
-        self.task_index = task_index
-
-    def __len__(self) -> int:
-        return int(self.rows.shape[0])
-
-    def __getitem__(self, i: int) -> tuple[int, dict]:
-        return self.task_index, self.split.item(int(self.rows[i]))
-
-    def lengths(self) -> torch.Tensor:
-        """(n,) tokens of each example's longest sequence: the length it pads its batch to."""
-        split = self.split
-        seq_len = split.seq_offsets[1:] - split.seq_offsets[:-1]  # (S,)
-        owner = torch.repeat_interleave(torch.arange(len(split.ex_seq_count)), split.ex_seq_count)  # (S,)
-        longest = torch.zeros(len(split.ex_seq_count), dtype=torch.long).scatter_reduce(
-            0, owner, seq_len, reduce="amax")  # (E,)
-        return longest[self.rows]  # (n,)
-
-
-class _MixedTrain(Dataset):
-    """Indexed by the sampler's ``(task_index, row)`` pairs."""
-
-    def __init__(self, parts: list[_Part]) -> None:
-        self.parts = parts
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, dict]:
-        task, row = key
-        return self.parts[task][row]
-
-
-class _ShardSampler(torch.utils.data.Sampler[int]):
-    """Evaluation order ``rank, rank + W, ...``: no padding, so every example is scored exactly once."""
-
-    def __init__(self, n: int, rank: int, world_size: int) -> None:
-        self.indices = list(range(rank, n, world_size))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
-class _EntryCollator:
-    """Collates an evaluation batch and names the entry (``cola``, ``mnli_m``) it belongs to."""
-
-    def __init__(self, collate: MultiTaskCollator, entry: str) -> None:
-        self.collate = collate
-        self.entry = entry
-
-    def __call__(self, items):
-        batch = self.collate(items)
-        batch["entry"] = self.entry
-        return batch
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints: it stores how far into the epoch training got.
-
-    ``consumed_fn`` returns the number of batches the training loop has processed in the current epoch
-    (read from the trainer at save time, so prefetching does not skew it); ``epoch_fn`` the epoch.
-    """
-
-    consumed_fn: Callable[[], int] | None = None
-    epoch_fn: Callable[[], int] | None = None
-
-    def __iter__(self):
-        if self.epoch_fn is not None:
-            self.batch_sampler.set_epoch(self.epoch_fn())
-        return super().__iter__()
-
-    def state_dict(self) -> dict[str, Any]:
-        consumed = self.consumed_fn() if self.consumed_fn is not None else 0
-        return self.batch_sampler.state_dict(consumed)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batch_sampler.load_state_dict(state)
-
-
-class MultiTaskDataModule(L.LightningDataModule):
+class MultiTaskDataModule(PredictInputs, L.LightningDataModule):
     """GLUE + SuperGLUE tasks, tokenised once, mixed into batches of several tasks.
 
     Args:
@@ -271,7 +148,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self._tokenizer = None
-        self._parts: dict[Stage, list[tuple[str, _Part]]] = {}
+        self._parts: dict[Stage, list[tuple[str, TaskPart]]] = {}
         self._train_sampler: MixtureBatchSampler | None = None
         self._predict_inputs: tuple[str, list[Example]] | None = None
         self.predict_skipped: dict[str, str] = {}  # predict entry -> why it has no dataloader
@@ -383,112 +260,34 @@ class MultiTaskDataModule(L.LightningDataModule):
             if subset is not None:
                 tr = self._tokenized(spec, "train", subset)
                 dv = self._tokenized(spec, "dev", subset)
-                train_part = _Part(tr, torch.arange(len(tr)), ti)
-                val.append((spec.name, _Part(dv, self._cap(torch.arange(len(dv)), self.max_eval, ti), ti)))
-                test += [(n, _Part(d, self._cap(torch.arange(len(d)), self.max_eval, ti), ti)) for n, d in dev_splits]
+                train_part = TaskPart(tr, torch.arange(len(tr)), ti)
+                val.append((spec.name, TaskPart(dv, self._cap(torch.arange(len(dv)), self.max_eval, ti), ti)))
+                test += [(n, TaskPart(d, self._cap(torch.arange(len(d)), self.max_eval, ti), ti)) for n, d in dev_splits]
             else:
                 tr = self._tokenized(spec, "train")
                 rows = torch.arange(len(tr))
                 if self.split_rule == "dev":
                     for n, d in dev_splits:
                         all_rows = self._cap(torch.arange(len(d)), self.max_eval, ti)
-                        val.append((n, _Part(d, all_rows, ti)))
-                        test.append((n, _Part(d, all_rows, ti)))
+                        val.append((n, TaskPart(d, all_rows, ti)))
+                        test.append((n, TaskPart(d, all_rows, ti)))
                 elif spec.is_small:
                     for n, d in dev_splits:
                         held, rest = self._carve(d, g, None, halves=True)
-                        val.append((n, _Part(d, self._cap(held, self.max_eval, ti), ti)))
-                        test.append((n, _Part(d, self._cap(rest, self.max_eval, ti), ti)))
+                        val.append((n, TaskPart(d, self._cap(held, self.max_eval, ti), ti)))
+                        test.append((n, TaskPart(d, self._cap(rest, self.max_eval, ti), ti)))
                 else:
                     held, rows = self._carve(tr, g, LARGE_TASK_HOLDOUT, halves=False)
-                    val.append((spec.name, _Part(tr, self._cap(held, self.max_eval, ti), ti)))
-                    test += [(n, _Part(d, self._cap(torch.arange(len(d)), self.max_eval, ti), ti))
+                    val.append((spec.name, TaskPart(tr, self._cap(held, self.max_eval, ti), ti)))
+                    test += [(n, TaskPart(d, self._cap(torch.arange(len(d)), self.max_eval, ti), ti))
                              for n, d in dev_splits]
-                train_part = _Part(tr, self._cap(rows, self.max_train, 10_000 + ti), ti)
+                train_part = TaskPart(tr, self._cap(rows, self.max_train, 10_000 + ti), ti)
             if len(train_part) == 0:
                 raise ValueError(f"task {spec.name!r} has no training examples after the split")
             train.append((spec.name, train_part))
         self._parts.update(train=train, validation=val, test=test)
         sizes = self.train_sizes
         log.info("train examples per task: %s", dict(zip(self.tasks, sizes)))
-
-    # ------------------------------------------------------------------ predict: test files, diagnostics, inputs
-    def _build_predict(self) -> None:
-        """One part per official test file of the run's entries, then one per diagnostic (PREDICT_DIAGNOSTICS)
-        that an entailment task of the run predicts; or, after :meth:`predict_examples`, the new inputs alone.
-
-        A missing test file (SOURCES.md lists MNLI, QQP and ReCoRD as absent offline), a missing diagnostic
-        file or a diagnostic without its entailment task is skipped and named in ``predict_skipped``.
-        """
-        if self._predict_inputs is not None:
-            task, examples = self._predict_inputs
-            tok = tokenize_examples(examples, self.tokenizer, self.max_length)
-            self._parts["predict"] = [("inputs", _Part(tok, torch.arange(len(tok)), self.tasks.index(task)))]
-            self.predict_skipped = {}
-            return
-        parts: list[tuple[str, _Part]] = []
-        skipped: dict[str, str] = {}
-        for ti, spec in enumerate(self.specs):
-            for name, es in zip(spec.eval_names, spec.eval_sets):
-                if self.source == "local":
-                    path = resolve_data_root(self.data_dir) / spec.files[es.test_split]
-                    if not path.is_file():
-                        known = KNOWN_MISSING.get(spec.name, frozenset())
-                        listed = known is None or es.test_split in known
-                        skipped[name] = f"test file not found: {path}" + (
-                            " (shared/data/SOURCES.md lists it as missing)" if listed else "")
-                        continue
-                tok = self._tokenized(spec, es.test_split)
-                parts.append((name, _Part(tok, torch.arange(len(tok)), ti)))
-        for name, (rel, by) in PREDICT_DIAGNOSTICS.items():
-            task = next((t for t in by if t in self.tasks), None)
-            if task is None:
-                skipped[name] = (f"diagnostic {name} is predicted by an entailment task ({' or '.join(by)})"
-                                 f" and the run has none (tasks: {', '.join(self.tasks)})")
-                continue
-            try:
-                tok = self._tokenized_diagnostic(name, rel)
-            except FileNotFoundError as err:
-                skipped[name] = str(err)
-                continue
-            parts.append((name, _Part(tok, torch.arange(len(tok)), self.tasks.index(task))))
-        if not parts:
-            raise FileNotFoundError("predict: no test file of the run could be read: "
-                                    + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-        for name, why in skipped.items():
-            log.warning("predict: no predictions for %s: %s", name, why)
-        self._parts["predict"] = parts
-        self.predict_skipped = skipped
-
-    def _tokenized_diagnostic(self, entry: str, rel: str) -> TokenizedSplit:
-        root = resolve_data_root(self.data_dir)
-        path = root / rel
-        source_fp = file_fingerprint(path) if path.is_file() else f"missing:{rel}"
-        fp = tokenizer_fingerprint(self.tokenizer)
-        key = cache_key(fp, "diagnostic", entry, self.max_length, source_fp)
-        return load_or_tokenize(self._cache_path(), key, lambda: read_predict_diagnostic(entry, root),
-                                self.tokenizer, self.max_length)
-
-    def predict_examples(self, task: str, examples: list[Example]) -> None:
-        """Predict these examples (new inputs of one task of the run) instead of the test files.
-
-        Raises:
-            ValueError: a task that is not in the run, or no examples.
-        """
-        name = get_task(task).name
-        if name not in self.tasks:
-            raise ValueError(f"task {task!r} is not in the run; its tasks: {', '.join(self.tasks)}")
-        if not examples:
-            raise ValueError(f"predict_examples: no examples given for {name}")
-        self._predict_inputs = (name, list(examples))
-        self._parts.pop("predict", None)
-
-    def predict_sources(self) -> list[tuple[str, str, TokenizedSplit]]:
-        """``(entry, task, tokenised split)`` of each predict dataloader, in dataloader order.
-
-        A batch's ``uid`` indexes the split: ``split.idx[uid]`` is the official index of its example.
-        """
-        return [(name, self.tasks[part.task_index], part.split) for name, part in self._parts["predict"]]
 
     # ------------------------------------------------------------------ what the rest of the run reads
     @property
@@ -535,7 +334,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         )
         self._train_sampler = sampler
         loader = ResumableLoader(
-            _MixedTrain([p for _, p in self._parts["train"]]),
+            MixedTrain([p for _, p in self._parts["train"]]),
             batch_sampler=sampler,
             collate_fn=self._collator(),
             num_workers=self.num_workers,
@@ -557,8 +356,8 @@ class MultiTaskDataModule(L.LightningDataModule):
             DataLoader(
                 part,
                 batch_size=self.eval_batch_size,
-                sampler=_ShardSampler(len(part), rank, world),
-                collate_fn=_EntryCollator(collate, name),
+                sampler=ShardSampler(len(part), rank, world),
+                collate_fn=EntryCollator(collate, name),
                 num_workers=self.num_workers,
                 pin_memory=self._pin_memory(),
                 # its own generator: evaluation must not draw from the global RNG (dropout after resume)
@@ -584,3 +383,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         total = self.samples_per_epoch or sum(self.train_sizes)
         _, world = self._rank_world()
         return max(1, math.floor(total / (self.batch_size * world)))
+
+
+# re-exported: the predict inputs and loaders lived in this file before they had files of their own
+__all__ = ["PREDICT_DIAGNOSTICS", "EntryCollator", "MixedTrain", "MultiTaskDataModule", "ResumableLoader",
+           "ShardSampler", "TaskPart", "read_predict_diagnostic"]

@@ -34,6 +34,8 @@ from typing import Any, Literal, get_args
 import torch
 from torch.utils.data import Sampler
 
+from speclora.checks import is_int_in
+
 MixingStrategy = Literal["proportional", "temperature", "equal"]
 STRATEGIES: tuple[str, ...] = get_args(MixingStrategy)
 
@@ -60,12 +62,7 @@ def _check_sizes(sizes: Sequence[int]) -> list[int]:
 
 def _check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     """``value`` if it is an int in ``[low, high]`` (``high`` None: unbounded), else a ValueError naming ``name``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
+    if not is_int_in(value, low, high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an int {allowed}, got {value!r}")
     return value
@@ -255,7 +252,7 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         _check_int("batch_size", batch_size, 1)
         _check_int("world_size", world_size, 1)
         _check_int(f"rank (world_size={world_size})", rank, 0, world_size - 1)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int_in(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
         if samples_per_epoch is None:
             samples_per_epoch = sum(self.sizes)

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from speclora.checks import is_int_in
 from speclora.data.glue_readers import TSV_LAYOUTS, read_tsv
 from speclora.data.superglue_readers import (
     Segments,
@@ -187,7 +188,7 @@ def _hub_label(spec: TaskSpec, value: Any, at: str) -> float | None:
     if spec.kind == "regression":
         return float(value)
     n = len(spec.label_names)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+    if not is_int_in(value, 0, n - 1):
         raise ValueError(f"{at}: hub label {value!r} for {spec.name}, expected -1 or an int in [0, {n})")
     return float(value)
 

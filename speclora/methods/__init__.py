@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +14,7 @@ from speclora.methods.mtlora import MTLoRA
 from speclora.methods.ortho import Ortho
 from speclora.methods.speclora import SpecLoRA
 from speclora.methods.unolora import UnoLoRAStar
+from speclora.model.method import resolve_method
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Single, Independent, Shared, Ortho, FullFT, UnoLoRAStar, HyperFormer,
                                                  SpecLoRA, AdaLoRA, MTLoRA)}
@@ -24,10 +24,8 @@ def get_method(name: str | Method | Mapping[str, Any]) -> Method:
     """A method instance from its registry name (``shared``), class name (``Shared``), or the config value
     :meth:`Method.hparams` writes (``{"class_path": "speclora.methods.Ortho", "init_args": {...}}``, as a
     checkpoint's hyperparameters hold it)."""
-    if isinstance(name, Method):
-        return name
-    if isinstance(name, Mapping):
-        return _from_config(name)
+    if isinstance(name, Method | Mapping):
+        return resolve_method(name)  # the same resolution as the module's
     for cls in METHODS.values():
         if name in (cls.name, cls.__name__):
             return cls()
@@ -37,24 +35,6 @@ def get_method(name: str | Method | Mapping[str, Any]) -> Method:
 def method_names() -> list[str]:
     """The class names ``model.method`` takes, in the registry's order."""
     return [cls.__name__ for cls in METHODS.values()]
-
-
-def _from_config(value: Mapping[str, Any]) -> Method:
-    path = value.get("class_path")
-    if not isinstance(path, str) or set(value) - {"class_path", "init_args"}:
-        raise ValueError(f"model.method={dict(value)!r}; allowed: {{class_path: <a Method class>, init_args: "
-                         f"{{...}}}}, the class one of {', '.join(method_names())}")
-    cls = next((c for c in METHODS.values() if path in (c.__name__, f"{c.__module__}.{c.__qualname__}")), None)
-    if cls is None:  # a method defined outside speclora.methods
-        module, _, attr = path.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr) if module else None
-        except ImportError:
-            cls = None
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
-            raise ValueError(f"model.method.class_path={path!r} is not a Method class; allowed: "
-                             f"{', '.join(method_names())}, or the import path of a speclora.methods.Method subclass")
-    return cls(**dict(value.get("init_args") or {}))
 
 
 __all__ = ["METHODS", "AdaLoRA", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",

@@ -38,8 +38,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from speclora.backbone import resolve_backbone
+from speclora.checks import check_int, is_int_in
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -134,7 +135,7 @@ class AdaLoRA(Method):
         orth_reg_weight: float = 0.5,
     ) -> None:
         for key, value in (("init_r", init_r), ("target_r", target_r)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_in(value, 1):
                 raise ValueError(f"model.method.init_args.{key}={value!r}; allowed: null or an integer >= 1")
         if init_r is not None and target_r is not None and target_r > init_r:
             raise ValueError(
@@ -143,8 +144,7 @@ class AdaLoRA(Method):
             )
         resolve_steps(tinit, 1, "tinit")  # type and range checks; the steps are resolved at fit start
         resolve_steps(tfinal, 1, "tfinal")
-        if isinstance(deltaT, bool) or not isinstance(deltaT, int) or deltaT < 1:
-            raise ValueError(f"model.method.init_args.deltaT={deltaT!r}; allowed: an integer >= 1")
+        check_int("model.method.init_args.deltaT", deltaT)
         for key, value in (("beta1", beta1), ("beta2", beta2)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"model.method.init_args.{key}={value}; allowed: 0 < {key} < 1")
@@ -280,8 +280,7 @@ class AdaLoRA(Method):
             raise RuntimeError(
                 "AdaLoRA: total_step is unset; the module's on_fit_start sets it (or call set_total_step)"
             )
-        lora = [p for n, p in module.encoder.named_parameters() if "lora_" in n and ADAPTER_NAME in n]
-        if any(p.grad is None for p in lora):  # the module dropped a non-finite step: no sensitivity to read
+        if module.last_step_skipped:  # the module dropped a non-finite step: no sensitivity to read
             rank_zero_warn(f"AdaLoRA: no gradients at step {module.global_step + 1}; rank allocation skipped")
             return
         step, config = int(module.global_step) + 1, self.config  # global_step does not count this step yet
@@ -338,7 +337,6 @@ class AdaLoRA(Method):
         """Load what :meth:`export` wrote: the shared adapter (pruned triplets back at their rank index, with
         λ = 0) and every task's head. Raises ``ValueError`` naming the file when the folder does not fit."""
         from peft.utils.save_and_load import load_peft_weights
-        from safetensors.torch import load_file
 
         in_dir = Path(in_dir)
         config = self.config
@@ -382,7 +380,7 @@ class AdaLoRA(Method):
         if pattern:
             config.rank_pattern = pattern
         for t, folder in enumerate(folders):
-            module.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+            module.heads.load_head(t, folder)
 
     def hparams(self) -> dict[str, Any]:
         cls = type(self)

@@ -13,13 +13,12 @@ Export format (docs/methods.md, "full_ft")::
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from speclora.backbone import resolve_backbone
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -68,7 +67,6 @@ class FullFT(Method):
         Returns the task folders, in task order, as LoRA methods do; each one's ``speclora_task.json``
         names the encoder folder.
         """
-        from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
         out_dir = Path(out_dir)
@@ -78,19 +76,12 @@ class FullFT(Method):
         written = []
         for t, spec in enumerate(module.specs):
             folder = out_dir / spec.name
-            folder.mkdir(parents=True, exist_ok=True)
-            head = {k: v.detach().cpu().contiguous() for k, v in module.heads.heads[t].state_dict().items()}
-            save_file(head, str(folder / "head.safetensors"))
-            (folder / "speclora_task.json").write_text(json.dumps(
-                {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-                 "label_names": list(spec.label_names), "pooling": module.pooling, "method": self.name,
-                 "encoder": f"../{ENCODER_DIR}"}, indent=2))
+            module.write_task_head(t, folder, encoder=f"../{ENCODER_DIR}")
             written.append(folder)
         return written
 
     def load(self, module: SpecLoRAModule, in_dir: Path) -> None:
         """Load what :meth:`export` wrote: the encoder weights and each task's head."""
-        from safetensors.torch import load_file
         from transformers import AutoModel
 
         in_dir = Path(in_dir)
@@ -100,7 +91,4 @@ class FullFT(Method):
         state = AutoModel.from_pretrained(encoder_dir).state_dict()
         module.encoder.load_state_dict(state, strict=True)
         for t, spec in enumerate(module.specs):
-            folder = in_dir / spec.name
-            if not (folder / "head.safetensors").is_file():
-                raise FileNotFoundError(f"no exported head for task {spec.name!r} at {folder}")
-            module.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+            module.heads.load_head(t, in_dir / spec.name)

@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from speclora.checks import check_int
 from speclora.methods.base import Method
 from speclora.model.lora import LoRASlot, lora_modules
 
@@ -151,8 +152,7 @@ class HyperFormer(Method):
         self, task_dim: int = 64, hidden_dim: int = 128, embed_dim: int = 64, init_std: float = 0.01
     ) -> None:
         for key, value in (("task_dim", task_dim), ("hidden_dim", hidden_dim), ("embed_dim", embed_dim)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.method.init_args.{key}={value!r}; allowed: an integer >= 1")
+            check_int(f"model.method.init_args.{key}", value)
         if not init_std > 0:
             raise ValueError(f"model.method.init_args.init_std={init_std!r}; allowed: a number > 0")
         self.task_dim = task_dim

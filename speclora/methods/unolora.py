@@ -28,8 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from speclora.backbone import resolve_backbone
+from speclora.checks import check_int
 from speclora.methods.base import Method
-from speclora.model.backbone import resolve_backbone
 from speclora.model.lora import DEFAULT_TARGETS, lora_modules
 
 if TYPE_CHECKING:
@@ -163,8 +164,7 @@ class UnoLoRAStar(Method):
             ("bottleneck_dim", bottleneck_dim),
             ("embed_dim", embed_dim),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"model.method.init_args.{key}={value!r}; allowed: an integer >= 1")
+            check_int(f"model.method.init_args.{key}", value)
         if not init_std >= 0:
             raise ValueError(f"model.method.init_args.init_std={init_std!r}; allowed: a number >= 0")
         self.task_dim = task_dim
@@ -291,7 +291,7 @@ def import_unolora_star(module: SpecLoRAModule, in_dir: str | Path) -> None:
                 raise ValueError(f"{config_path}: {key} = {config.get(key)!r}, but the module has {want!r}")
         if weights is None:  # every task's folder holds the same shared weights
             weights = load_file(str(folder / EXPORT_WEIGHTS))
-        module.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
+        module.heads.load_head(t, folder)
     assert weights is not None  # tasks is never empty (resolve_tasks)
     hyper = {k.removeprefix("hypernet."): v for k, v in weights.items() if k.startswith("hypernet.")}
     module.method_net.load_state_dict(hyper)

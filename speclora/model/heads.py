@@ -20,14 +20,20 @@ without it (built by hand) costs one host read to find them.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speclora.tasks import TaskSpec
+
+HEAD_WEIGHTS = "head.safetensors"  # a task head's weights in an exported task folder
+TASK_META = "speclora_task.json"  # the task's description (and the method's extras) next to them
 
 KINDS = ("classification", "regression", "choice")
 _CLASSIFICATION, _REGRESSION, _CHOICE = range(3)
@@ -304,6 +310,31 @@ class TaskHeads(nn.Module):
     def forward(self, pooled: Tensor, batch: Mapping[str, Tensor]) -> dict[int, TaskOutput]:
         """pooled: (N, H) one vector per sequence; returns the outputs of every task present."""
         return dict(TaskOutputs(self, self.batched(pooled, batch), batch))
+
+
+    # ------------------------------------------------------------------ a task's head on disk
+    def save_head(self, t: int, folder: Path, **meta: Any) -> None:
+        """Task t's head (``head.safetensors``) and its description (``speclora_task.json``: task, kind,
+        num_labels, label_names, then ``meta``, e.g. pooling and method) into ``folder``. Every exported
+        format (peft, mtLoRA, UnoLoRA*, AdaLoRA, FullFT) writes its heads here."""
+        from safetensors.torch import save_file
+
+        spec = self.specs[t]
+        folder.mkdir(parents=True, exist_ok=True)
+        head = {k: v.detach().cpu().contiguous() for k, v in self.heads[t].state_dict().items()}
+        save_file(head, str(folder / HEAD_WEIGHTS))
+        (folder / TASK_META).write_text(json.dumps(
+            {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
+             "label_names": list(spec.label_names), **meta}, indent=2))
+
+    def load_head(self, t: int, folder: Path) -> None:
+        """Task t's head from ``folder/head.safetensors`` (:meth:`save_head`); FileNotFoundError naming the file."""
+        from safetensors.torch import load_file
+
+        path = Path(folder) / HEAD_WEIGHTS
+        if not path.is_file():
+            raise FileNotFoundError(f"no exported head for task {self.specs[t].name!r} at {path.parent}")
+        self.heads[t].load_state_dict(load_file(str(path)))
 
 
 class TaskOutputs(Mapping[int, TaskOutput]):

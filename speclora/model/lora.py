@@ -30,7 +30,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from speclora.checks import is_int_in
+from speclora.model.targets import (
+    ATTENTION_PRESET,
+    DEFAULT_TARGETS,
+    layer_of,
+    linear_patterns,
+    matches_target,
+    resolve_targets,
+)
+
 __all__ = [
+    "ATTENTION_PRESET",
     "DEFAULT_TARGETS",
     "AdapterRouter",
     "LoRASlot",
@@ -41,18 +52,6 @@ __all__ = [
     "resolve_targets",
     "stacked_lora_params",
 ]
-
-# model_type -> the attention query/key/value/output projections (the LoRA paper's W_q, W_k, W_v, W_o)
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
-    "bert": ("query", "key", "value", "attention.output.dense"),
-    "roberta": ("query", "key", "value", "attention.output.dense"),
-    "xlm-roberta": ("query", "key", "value", "attention.output.dense"),
-    "electra": ("query", "key", "value", "attention.output.dense"),
-    "deberta-v2": ("query_proj", "key_proj", "value_proj", "attention.output.dense"),
-    "distilbert": ("q_lin", "k_lin", "v_lin", "out_lin"),
-}
-ATTENTION_PRESET = "attention"
-
 
 class AdapterRouter:
     """Holds the per-row state of the current batch, shared by every LoRA layer of a model.
@@ -330,15 +329,10 @@ class LoRASlot:
     d_out: int
 
 
-def matches_target(name: str, target: str) -> bool:
-    """Whether module path ``name`` ends with ``target`` at a dot boundary (peft's rule for a list of targets)."""
-    return name == target or name.endswith("." + target)
-
-
 def _check_hparams(num_adapters: int, r: int, alpha: float, dropout: float) -> None:
-    if not isinstance(num_adapters, int) or num_adapters < 1:
+    if not is_int_in(num_adapters, 1):
         raise ValueError(f"num_adapters: expected an integer >= 1, got {num_adapters!r}")
-    if not isinstance(r, int) or r < 1:
+    if not is_int_in(r, 1):
         raise ValueError(f"r: expected an integer >= 1, got {r!r}")
     if not alpha > 0:
         raise ValueError(f"alpha: expected a number > 0, got {alpha!r}")
@@ -346,25 +340,10 @@ def _check_hparams(num_adapters: int, r: int, alpha: float, dropout: float) -> N
         raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
 
 
-def _layer_of(name: str) -> int | None:
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
 def _linear_names(model: nn.Module) -> list[str]:
     """Names of the plain ``nn.Linear`` modules of ``model``, skipping those already wrapped by LoRA."""
     wrapped = {f"{n}.base" for n, _ in lora_modules(model)}
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in wrapped]
-
-
-def _linear_patterns(names: Sequence[str], limit: int = 12) -> str:
-    """A short listing of linear names, layer numbers folded: 'encoder.layer.{i}.attention.self.query, ...'."""
-    folded = (".".join("{i}" if part.isdigit() else part for part in n.split(".")) for n in names)
-    patterns = list(dict.fromkeys(folded))
-    more = f", ... ({len(patterns) - limit} more)" if len(patterns) > limit else ""
-    return ", ".join(patterns[:limit]) + more
 
 
 def inject_lora(
@@ -410,13 +389,13 @@ def inject_lora(
         if not hits:
             raise ValueError(
                 f"targets: {target!r} matches no nn.Linear of {type(model).__name__}; "
-                f"its linears are: {_linear_patterns(linears)}"
+                f"its linears are: {linear_patterns(linears)}"
             )
         for n in hits:
             if len(target) > len(chosen.get(n, "")):
                 chosen[n] = target
 
-    layers = {name: _layer_of(name) for name in chosen}
+    layers = {name: layer_of(name) for name in chosen}
     for name, target in chosen.items():  # check all before changing the model
         if layers[name] is None:
             raise ValueError(
@@ -438,24 +417,6 @@ def inject_lora(
         setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapped)
         slots.append(LoRASlot(name, layers[name], chosen[name], base.in_features, base.out_features))
     return router, slots
-
-
-def resolve_targets(model_type: str, targets: Sequence[str] | None) -> tuple[str, ...]:
-    """The LoRA target suffixes: ``targets`` as given, or for ``None`` / ``"attention"`` the model type's
-    attention query/key/value/output projections (:data:`DEFAULT_TARGETS`)."""
-    if isinstance(targets, str):
-        targets = (targets,)
-    if targets is not None and tuple(targets) != (ATTENTION_PRESET,):
-        targets = tuple(targets)
-        if not targets:
-            raise ValueError(f"targets: expected a non-empty list, None or {ATTENTION_PRESET!r}, got []")
-        return targets
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(
-            f"targets: no {ATTENTION_PRESET!r} preset for model_type {model_type!r} (known: "
-            f"{', '.join(sorted(DEFAULT_TARGETS))}); pass the target module names explicitly"
-        )
-    return DEFAULT_TARGETS[model_type]
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, MultiTaskLoRALinear]]:

@@ -6,106 +6,47 @@ with λ_t = 1 (``uniform``) or λ_t = T·n_t / Σ_s n_s (``size``, n_t the task'
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from speclora.backbone import resolve_backbone
 from speclora.checkpoint import (
     IDENTITY_KEY,
     backbone_fingerprint,
     frozen_keys,
     prune_frozen,
     restore_frozen,
+    restore_rng_state,
+    rng_state,
     with_entries,
 )
-from speclora.methods import Independent, Method, get_method
-from speclora.metrics import TaskMetrics
-from speclora.model.backbone import resolve_backbone
+from speclora.metrics import TaskMetrics, suite_average
+from speclora.model.config import LoRAConfig, OptimConfig, config_from
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
+from speclora.model.method import Method, resolve_method
+from speclora.model.optim import adamw_with_schedule
 from speclora.model.step import (
     ENCODER_DTYPES,
     NonFiniteGuard,
     TrainLog,
     cast_frozen,
     encoder_attention_mask,
-    fused_supported,
     set_tf32,
     supports_found_inf,
 )
 from speclora.tasks import resolve_tasks
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA hyperparameters (Hu et al. 2021).
-
-    Args:
-        r: rank of every adapter.
-        alpha: scaling numerator; the update is (alpha / r)·B A.
-        dropout: dropout on the adapter's input.
-        targets: module name suffixes to adapt; null = the attention query, key, value and output
-            projections of the backbone's architecture.
-        init_seed: seed of the shared initial A (all tasks start from the same A, DESIGN.md).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    targets: list[str] | None = None
-    init_seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"model.lora.r={self.r}; allowed: an integer >= 1")
-        if not self.alpha > 0:
-            raise ValueError(f"model.lora.alpha={self.alpha}; allowed: a number > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.lora.dropout={self.dropout}; allowed: 0 <= dropout < 1")
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """AdamW with linear warmup and linear (or no) decay.
-
-    Args:
-        lr: peak learning rate of the adapters.
-        head_lr: learning rate of the task heads (default: lr).
-        weight_decay: decoupled weight decay (heads and adapters).
-        warmup_ratio: share of the run spent warming up linearly from 0.
-        schedule: ``linear`` decays to 0 at the last step; ``constant`` holds the peak after warmup.
-        betas: AdamW betas.
-        fused: torch's fused AdamW (one kernel for all parameters; it also skips a non-finite step on the
-            device, without a host read); null = fused where torch has it for the parameters (CPU, CUDA).
-    """
-
-    lr: float = 5e-4
-    head_lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    schedule: Literal["linear", "constant"] = "linear"
-    betas: tuple[float, float] = (0.9, 0.999)
-    fused: bool | None = None
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"model.optim.lr={self.lr}; allowed: a number > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"model.optim.warmup_ratio={self.warmup_ratio}; allowed: 0 <= warmup_ratio < 1")
-        if self.schedule not in ("linear", "constant"):
-            raise ValueError(f"model.optim.schedule={self.schedule!r}; allowed: 'linear', 'constant'")
 
 
 class SpecLoRAModule(L.LightningModule):
@@ -115,9 +56,11 @@ class SpecLoRAModule(L.LightningModule):
         tasks: the run's tasks, in the order of the task index carried by batches (the CLI links it
             to ``data.tasks``).
         backbone: ``default`` (the packaged all-MiniLM-L6-v2), an HF model name, or a local folder.
-        method: the multi-task method, by class (``Independent``, ``Single``, ``Shared``, ... see
-            ``speclora.methods``); its constructor arguments are its options. In Python a registry
-            name (``"shared"``) works too.
+        method: the multi-task method the module is handed, by class (``Independent``, ``Single``,
+            ``Shared``, ... see ``speclora.methods``); its constructor arguments are its options. The
+            default, the :class:`~speclora.model.method.Method` base, is per-task adapters with no coupling
+            (what ``Independent`` names). In Python a registry name (``"shared"``) of an imported method
+            class works too (speclora.model.method.resolve_method).
         lora: adapter hyperparameters.
         optim: optimiser and schedule.
         pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
@@ -138,7 +81,7 @@ class SpecLoRAModule(L.LightningModule):
         self,
         tasks: list[str],
         backbone: str = "default",
-        method: Method = Independent(),  # noqa: B008 - the CLI's default
+        method: Method = Method(),  # noqa: B008 - the CLI's default: per-task adapters, no coupling
         lora: LoRAConfig = LoRAConfig(),  # noqa: B008 - frozen dataclass, the CLI's default
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         pooling: Literal["cls", "mean"] = "cls",
@@ -150,9 +93,9 @@ class SpecLoRAModule(L.LightningModule):
         super().__init__()
         self.specs = resolve_tasks(tasks)
         # a checkpoint's hyperparameters hold the method, lora and optim as plain dicts (load_from_checkpoint)
-        method = get_method(method)
-        lora = _config(lora, LoRAConfig, "model.lora")
-        optim = _config(optim, OptimConfig, "model.optim")
+        method = resolve_method(method)
+        lora = config_from(lora, LoRAConfig, "model.lora")
+        optim = config_from(optim, OptimConfig, "model.optim")
         method.check(self.specs)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
@@ -208,7 +151,7 @@ class SpecLoRAModule(L.LightningModule):
         self._entry_index = {entry: t for t, spec in enumerate(self.specs) for entry in (spec.name, *spec.eval_names)}
         self._train_log = TrainLog([s.name for s in self.specs])  # losses summed on the device
         self._guard = NonFiniteGuard()
-        self._skipped_reported = 0  # skipped steps already reported (host side)
+        self.last_step_skipped: bool | None = None  # set where the module reads the step's flag on the host
 
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
@@ -252,26 +195,37 @@ class SpecLoRAModule(L.LightningModule):
         total = sum(self.task_weights[t] * loss for t, loss in per_task.items())
         return total, per_task
 
+    def step_skipped(self) -> Tensor | None:
+        """() bool device flag, True where this optimizer step is skipped (a gradient is not finite); None
+        when no parameter has a gradient. The one non-finite check of the step (NonFiniteGuard.step_flag),
+        run on the gradients the backward left (a method's per-micro-batch surgery included) by whoever asks
+        first: the spectral callback before it transforms them, else :meth:`on_before_optimizer_step`."""
+        grads = lambda: [p.grad for p in self.parameters() if p.grad is not None]  # noqa: E731
+        return self._guard.step_flag(grads, self.skipped_steps, self.global_step)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        # A non-finite gradient (from any method or callback) must never reach the parameters. One check of
-        # all gradients writes a device flag; a fused AdamW reads it and leaves parameters and moments as
-        # they were (no host read); otherwise the flag is read now and the step's gradients are dropped
-        # (AdamW skips parameters whose .grad is None). Skipped steps are counted and reported.
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # The end of the step's gradient pipeline (docs/architecture.md): the step's flag goes to the
+        # optimizer, so a non-finite gradient never reaches the parameters. A fused AdamW reads it and leaves
+        # parameters and moments as they were (no host read); otherwise the flag is read now and the step's
+        # gradients are dropped (AdamW skips parameters whose .grad is None). Skips are counted and reported.
+        skipped = self.step_skipped()
+        self._guard.end_step()
+        self.last_step_skipped = None  # the host's view, set where the flag is read on the host (AdaLoRA reads it)
         on_device = self._skips_on_device(optimizer)
         if on_device:
             optimizer.found_inf = None
-        if not grads:
+        if skipped is None:
             return
-        found = self._guard.check(grads)  # () 1.0 where a gradient is not finite
-        self._guard.count(self.skipped_steps, self.global_step)
+        found = self._guard.found_inf  # () 1.0 where a gradient is not finite
         if on_device:
             optimizer.found_inf = found  # the fused kernel skips the update where it is set
         elif self._grad_scaler() is not None:
             pass  # fp16 AMP: the grad scaler finds the same inf, skips the step and lowers its scale
-        elif bool(found):  # host read: this optimizer cannot skip on the device
-            optimizer.zero_grad(set_to_none=True)
-            self._report_skipped(int(self.skipped_steps), self.global_step)
+        else:
+            self.last_step_skipped = bool(skipped)  # host read: this optimizer cannot skip on the device
+            if self.last_step_skipped:
+                optimizer.zero_grad(set_to_none=True)
+                self._guard.report(int(self.skipped_steps), self.global_step)
 
     def _grad_scaler(self):
         trainer = self._trainer
@@ -283,14 +237,8 @@ class SpecLoRAModule(L.LightningModule):
         reads_grads_after = type(self.method).after_optimizer_step is not Method.after_optimizer_step
         return supports_found_inf(optimizer) and self._grad_scaler() is None and not reads_grads_after
 
-    def _report_skipped(self, skipped: int, last: int) -> None:
-        if skipped > self._skipped_reported:
-            new = skipped - self._skipped_reported
-            self._skipped_reported = skipped
-            rank_zero_warn(f"non-finite gradient: {new} update(s) skipped, the last at step {last} "
-                           f"({skipped} skipped so far)")
-
     def on_after_backward(self) -> None:
+        # a method's gradient surgery (Ortho), per micro-batch: the step's non-finite check sees its result
         self.method.after_backward(self, self._step_task_losses)
         self._step_task_losses = {}
 
@@ -379,7 +327,7 @@ class SpecLoRAModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
-        self._report_skipped(int(skipped), int(last))
+        self._guard.report(int(skipped), int(last))
         if "loss" in values:
             # shown as a number: a logged tensor on the bar would be read back from the device every step
             self.trainer.progress_bar_metrics["train/loss"] = values["loss"]
@@ -410,16 +358,18 @@ class SpecLoRAModule(L.LightningModule):
             gathered: list[list[str]] = [[] for _ in range(self.trainer.world_size)]
             torch.distributed.all_gather_object(gathered, entries)
             entries = sorted({e for g in gathered for e in g})
-        task_scores: dict[str, list[float]] = {}
+        scores: dict[str, float] = {}
         for entry in entries:
             values = self.metrics[entry].compute()
             self.metrics[entry].reset()
             for name, value in values.items():
                 self.log(f"{stage}/{entry}/{name}", value, add_dataloader_idx=False, sync_dist=False)
-            task_scores.setdefault(self._entry_task[entry], []).append(float(values["score"]))
-        if task_scores:
+            scores[entry] = float(values["score"])
+        if scores:
             # suite average: the plain mean of task scores; MNLI's entries average into one task score
-            average = sum(sum(v) / len(v) for v in task_scores.values()) / len(task_scores)
+            seen = {self._entry_task[entry] for entry in scores}
+            evaluated = [spec for spec in self.specs if spec.name in seen]
+            average = suite_average(scores, evaluated)
             self.log(f"{stage}/average", average, prog_bar=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
@@ -458,66 +408,16 @@ class SpecLoRAModule(L.LightningModule):
         # the frozen backbone stays out of the file; its identity is in the state dict's _extra_state
         prune_frozen(self, checkpoint["state_dict"], self._frozen_keys)
         # dropout draws from the global generators: keep them so that a resumed run continues exactly
-        state: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        world = self._trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            # every rank draws its own dropout masks (its batches differ): keep each rank's generators
-            # (dump_checkpoint runs on every rank; rank 0 writes the file)
-            ranks: list[dict[str, Any]] = [{} for _ in range(world)]
-            torch.distributed.all_gather_object(ranks, state)
-            state = {**ranks[0], "ranks": ranks}
-        checkpoint["speclora_rng"] = state
+        checkpoint["speclora_rng"] = rng_state(self._trainer)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("speclora_rng")
-        if state is None:
-            log.warning("checkpoint holds no RNG state: dropout after resume will differ from the original run")
-            return
-        ranks = state.get("ranks")
-        trainer = self._trainer
-        if ranks is not None and trainer is not None:
-            if len(ranks) == trainer.world_size:
-                state = ranks[trainer.global_rank]
-            elif trainer.state.fn == "fit":
-                rank_zero_warn(f"checkpoint saved by {len(ranks)} ranks, resumed by {trainer.world_size}: every "
-                               "rank continues rank 0's random stream, so dropout differs from the original run")
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        restore_rng_state(checkpoint.get("speclora_rng"), self._trainer)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        cfg = self.optim_cfg
-        adapter_params = [p for n, p in self.encoder.named_parameters() if p.requires_grad]
-        head_params = [p for p in self.heads.parameters() if p.requires_grad]
-        # a method's own trainable modules (hypernetworks) learn at the adapters' rate
-        method_net = self.method_net if self.method_net is not None else nn.Module()
-        method_params = [p for p in method_net.parameters() if p.requires_grad]
-        groups = [
-            {"params": adapter_params, "lr": cfg.lr, "name": "adapters"},
-            {"params": head_params, "lr": cfg.head_lr or cfg.lr, "name": "heads"},
-            {"params": method_params, "lr": cfg.lr, "name": "method"},
-        ]
-        params = [p for g in groups for p in g["params"]]
-        fused = fused_supported(params) if cfg.fused is None else cfg.fused
-        optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
-            fused=fused or None,
-        )
+        # a method's own trainable modules (hypernetworks) learn at the adapters' rate (speclora.model.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(cfg.warmup_ratio * total)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if cfg.schedule == "constant":
-                return 1.0
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_schedule(self.optim_cfg, self.encoder, self.heads, self.method_net, total)
 
     # ------------------------------------------------------------------ adapters in peft format
     def export_adapters(self, out_dir: str | Path) -> list[Path]:
@@ -526,33 +426,13 @@ class SpecLoRAModule(L.LightningModule):
 
     def export_peft_adapters(self, out_dir: str | Path) -> list[Path]:
         """Write each task's adapter as a peft folder (plus its head) under ``out_dir/<task>``."""
+        from speclora.model.peft_io import export_task_adapters
 
-        from speclora.model.peft_io import export_adapter
+        return export_task_adapters(self, Path(out_dir))
 
-        out_dir = Path(out_dir)
-        written = []
-        for t, spec in enumerate(self.specs):
-            folder = out_dir / spec.name
-            adapter = self.method.adapter_of_task(t)
-            export_adapter(
-                self.encoder, adapter, folder, base_model_name_or_path=resolve_backbone(self.backbone_name),
-                targets=list(self.targets), r=self.lora_cfg.r, alpha=self.lora_cfg.alpha,
-                dropout=self.lora_cfg.dropout,
-            )
-            self.write_task_head(t, folder)
-            written.append(folder)
-        return written
-
-    def write_task_head(self, t: int, folder: Path) -> None:
-        """Task t's head (head.safetensors) and its description (speclora_task.json) into ``folder``."""
-        from safetensors.torch import save_file
-
-        spec = self.specs[t]
-        head = {k: v.detach().cpu().contiguous() for k, v in self.heads.heads[t].state_dict().items()}
-        save_file(head, str(folder / "head.safetensors"))
-        (folder / "speclora_task.json").write_text(json.dumps(
-            {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-             "label_names": list(spec.label_names), "pooling": self.pooling, "method": self.method_name}, indent=2))
+    def write_task_head(self, t: int, folder: Path, **meta: Any) -> None:
+        """Task t's head and its description (pooling, method, then ``meta``) into ``folder`` (TaskHeads.save_head)."""
+        self.heads.save_head(t, Path(folder), pooling=self.pooling, method=self.method_name, **meta)
 
     def import_adapters(self, in_dir: str | Path) -> None:
         """Load adapters (and heads) written by :meth:`export_adapters` (the method's format)."""
@@ -560,31 +440,6 @@ class SpecLoRAModule(L.LightningModule):
 
     def import_peft_adapters(self, in_dir: str | Path) -> None:
         """Load peft folders (and heads) written by :meth:`export_peft_adapters` back into their task slots."""
-        from safetensors.torch import load_file
+        from speclora.model.peft_io import import_task_adapters
 
-        from speclora.model.peft_io import import_adapter
-
-        in_dir = Path(in_dir)
-        for t, spec in enumerate(self.specs):
-            folder = in_dir / spec.name
-            if not folder.is_dir():
-                raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
-            import_adapter(self.encoder, folder, self.method.adapter_of_task(t))
-            self.heads.heads[t].load_state_dict(load_file(str(folder / "head.safetensors")))
-
-
-def _config(value: Any, cls: type, key: str) -> Any:
-    """A config dataclass from itself or from its fields as a dict (a checkpoint's hyperparameters)."""
-    if not isinstance(value, Mapping):
-        return value
-    fields = dict(value)
-    if "betas" in fields:
-        fields["betas"] = tuple(fields["betas"])
-    try:
-        return cls(**fields)
-    except TypeError as err:
-        raise ValueError(f"{key}={fields!r}: {err}; allowed fields: {', '.join(cls.__dataclass_fields__)}") from err
-
-
-def warmup_steps(total: int, ratio: float) -> int:
-    return int(math.floor(ratio * total))
+        import_task_adapters(self, Path(in_dir))

@@ -19,13 +19,19 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from speclora.backbone import resolve_backbone
+from speclora.checks import is_int_in
 from speclora.model.lora import MultiTaskLoRALinear, lora_modules, matches_target
+
+if TYPE_CHECKING:
+    from speclora.model.module import SpecLoRAModule
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "export_adapter", "import_adapter"]
 
@@ -59,7 +65,7 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, MultiTaskLoRALinear]]:
 
 def _check_adapter(adapter: int, layers: list[tuple[str, MultiTaskLoRALinear]]) -> None:
     num = layers[0][1].num_adapters
-    if not isinstance(adapter, int) or not 0 <= adapter < num:
+    if not is_int_in(adapter, 0, num - 1):
         raise ValueError(f"adapter: expected an index in [0, {num - 1}], got {adapter!r}")
 
 
@@ -191,3 +197,31 @@ def import_adapter(model: nn.Module, in_dir: Path | str, adapter: int) -> None:
         for key, (layer, kind) in wanted.items():
             param = layer.lora_A if kind == "A" else layer.lora_B  # (T, r, d_in) | (T, d_out, r)
             param[adapter].copy_(tensors[key])  # (r, d_in) | (d_out, r)
+
+
+# ---------------------------------------------------------------------- a module's tasks, one folder each
+def export_task_adapters(module: SpecLoRAModule, out_dir: Path) -> list[Path]:
+    """Each task's adapter as a peft folder, plus its head (TaskHeads.save_head), under ``out_dir/<task>``;
+    the folders in task order (``SpecLoRAModule.export_peft_adapters``)."""
+    written = []
+    for t, spec in enumerate(module.specs):
+        folder = out_dir / spec.name
+        cfg = module.lora_cfg
+        export_adapter(
+            module.encoder, module.method.adapter_of_task(t), folder,
+            base_model_name_or_path=resolve_backbone(module.backbone_name), targets=list(module.targets),
+            r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout,
+        )
+        module.write_task_head(t, folder)
+        written.append(folder)
+    return written
+
+
+def import_task_adapters(module: SpecLoRAModule, in_dir: Path) -> None:
+    """Load :func:`export_task_adapters`' folders (adapters and heads) back into their task slots."""
+    for t, spec in enumerate(module.specs):
+        folder = in_dir / spec.name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no exported adapter for task {spec.name!r} at {folder}")
+        import_adapter(module.encoder, folder, module.method.adapter_of_task(t))
+        module.heads.load_head(t, folder)

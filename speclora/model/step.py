@@ -16,9 +16,10 @@ the queue. Here:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,35 @@ class NonFiniteGuard:
         self.found_inf: Tensor | None = None  # () float, 1.0 when this step's gradients are not finite
         self.last_step: Tensor | None = None  # () long, the last skipped step (-1: none yet)
         self._one: Tensor | None = None
+        self._flag: Tensor | None = None  # () bool, this step's "skipped" flag once checked
+        self._checked = False  # whether this step's gradients were checked (reset by end_step)
+        self._reported = 0  # skipped steps already reported (host side)
+
+    def step_flag(self, grads: Callable[[], list[Tensor]], skipped: Tensor, step: int) -> Tensor | None:
+        """This optimizer step's () bool flag, True where the step is skipped (a gradient is not finite): the
+        one check (and count) of the step, run on the first request after :meth:`end_step`, so that every
+        reader of the step (the spectral callback, the module's own hook, the optimizer) sees the same flag.
+        None when no parameter has a gradient."""
+        if not self._checked:
+            g = grads()
+            self._flag = None
+            if g:
+                self.check(g)
+                self.count(skipped, step)
+                self._flag = self.found_inf > 0  # ()
+            self._checked = True
+        return self._flag
+
+    def end_step(self) -> None:
+        """The step's flag has been handed to the optimizer: the next request checks new gradients."""
+        self._checked = False
+
+    def report(self, skipped: int, last: int) -> None:
+        """Warn once about the skips not reported yet (host values, read at a logging step or a host skip)."""
+        if skipped > self._reported:
+            new, self._reported = skipped - self._reported, skipped
+            rank_zero_warn(f"non-finite gradient: {new} update(s) skipped, the last at step {last} "
+                           f"({skipped} skipped so far)")
 
     def check(self, grads: list[Tensor]) -> Tensor:
         """() float flag: 1.0 if any gradient holds NaN or ±inf. One kernel per device and dtype group."""

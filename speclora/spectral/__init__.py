@@ -57,7 +57,12 @@ from speclora.spectral.graph import (
     to_pyg,
 )
 from speclora.spectral.laplacian import laplacian, laplacian_dense, spectral_bound
-from speclora.spectral.regularizer import dirichlet_energy, high_pass_energy
+from speclora.spectral.regularizer import (
+    dirichlet_energy,
+    dirichlet_energy_of,
+    high_pass_energy,
+    high_pass_energy_projected,
+)
 
 __all__ = [
     "DENSE_THRESHOLD",
@@ -85,11 +90,13 @@ __all__ = [
     "coordination_response",
     "dense_threshold_for",
     "dirichlet_energy",
+    "dirichlet_energy_of",
     "edge_weights",
     "eigen_lr_response",
     "fixed_weights",
     "graph_statistics",
     "high_pass_energy",
+    "high_pass_energy_projected",
     "hypergradient_step",
     "hypergradient_update",
     "ieee_float32",

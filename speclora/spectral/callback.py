@@ -51,7 +51,7 @@ from speclora.spectral.callback_refresh import RefreshMixin
 from speclora.spectral.callback_state import StateMixin
 from speclora.spectral.correlation import EdgeCorrelation
 from speclora.spectral.devices import float32_math
-from speclora.spectral.eigen import SOLVERS, dense_threshold_for
+from speclora.spectral.eigen import SOLVERS
 from speclora.spectral.filters import (
     TABLE3_COEFFICIENTS,
     TABLE3_EDGES,
@@ -66,6 +66,7 @@ from speclora.spectral.graph import (
     class_subgraph,
     graph_statistics,
 )
+from speclora.spectral.regularizer import dirichlet_energy_of, high_pass_energy_projected
 from speclora.spectral.response import REST_RULES, ClassFilter, ResponseSettings
 
 log = logging.getLogger(__name__)
@@ -294,24 +295,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
 
-    def _check_solver(self, device: torch.device) -> None:
-        """LOBPCG needs n_c >= 3k in every class it solves on ``device``: a clear error before training."""
-        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
-            n_c, k_c = ids.numel(), self.class_k[c]
-            if self.class_solver(n_c, device) == "lobpcg" and n_c < 3 * k_c:
-                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
-                raise ValueError(
-                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
-                    f"has n={n_c} nodes and is solved by LOBPCG on {device}, which needs n >= 3k = {3 * k_c}; "
-                    f"lower k to at most {n_c // 3}, or use {fix}")
-
-    def class_solver(self, n: int, device: torch.device | str) -> str:
-        """The solver of an n-node class on ``device``: ``dense`` or ``lobpcg`` (``auto`` resolved)."""
-        if self.solver != "auto":
-            return self.solver
-        threshold = self.dense_threshold if self.dense_threshold is not None else dense_threshold_for(device)
-        return "dense" if n <= threshold else "lobpcg"
-
     def _reset_caches(self) -> None:
         n_classes = len(self.layout.shape_classes)
         self._vectors_version = [0] * n_classes
@@ -356,7 +339,11 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
 
     def _filter_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         G = self._signals(grad=True, buffer="grad")  # [(n_c, p_c)]
-        finite = self.corr.update(G)  # () bool on the device; the EMAs move only where it holds
+        # the step's skipped flag (the module's one non-finite check of all gradients, taken before this
+        # transform); a bare model without one (tests' Toy) leaves it to the EMA's own finiteness test
+        step_skipped = getattr(pl_module, "step_skipped", None)
+        skipped = step_skipped() if callable(step_skipped) else None
+        finite = self.corr.update(G, skipped)  # () bool on the device; the EMAs move only where it holds
         step = trainer.global_step
         if any(f is None for f in self.filters) or step % self.refresh_every == 0:
             if not self.refresh(trainer) and any(f is None for f in self.filters):
@@ -388,8 +375,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
                 c_delta = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
                 g2 = g2.add_(delta, alpha=2 * self.gamma)
                 low[: filt.k].sub_(c_delta, alpha=2 * self.gamma)
-                energy = torch.linalg.vector_norm(delta).square() - c_delta.square().sum()
-                reg_values.append(self.gamma * energy.clamp_min(0))
+                reg_values.append(high_pass_energy_projected(delta, c_delta, self.gamma))
             elif self.regularizer == "dirichlet" and self.gamma > 0:
                 g2, value = self._dirichlet(c, g2, theta[c] - self.theta0[c])
                 reg_values.append(value)
@@ -408,7 +394,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
     def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
         # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
         ld = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c)
-        return g.add_(ld, alpha=2 * self.gamma), self.gamma * (delta * ld).sum()
+        return g.add_(ld, alpha=2 * self.gamma), dirichlet_energy_of(delta, ld, self.gamma)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()

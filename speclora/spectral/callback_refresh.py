@@ -25,7 +25,7 @@ from speclora.spectral.correlation import (
     parameter_magnitude_weights,
 )
 from speclora.spectral.devices import broadcast_from_rank0, broadcast_optional_from_rank0
-from speclora.spectral.eigen import EigenResult, EigenSolverError, smallest_eigenpairs
+from speclora.spectral.eigen import EigenResult, EigenSolverError, dense_threshold_for, smallest_eigenpairs
 from speclora.spectral.graph import training_graph
 from speclora.spectral.laplacian import laplacian, laplacian_trace
 from speclora.spectral.response import align_signs, carry_coefficients, class_filter
@@ -35,7 +35,25 @@ if TYPE_CHECKING:
 
 
 class RefreshMixin:
-    """``refresh`` and what it builds; see the module's doc."""
+    """``refresh`` and what it builds, and the choice of solver per class; see the module's doc."""
+
+    def _check_solver(self: SpectralGraphCallback, device: torch.device) -> None:
+        """LOBPCG needs n_c >= 3k in every class it solves on ``device``: a clear error before training."""
+        for c, ((d, r), ids) in enumerate(self.layout.shape_classes):
+            n_c, k_c = ids.numel(), self.class_k[c]
+            if self.class_solver(n_c, device) == "lobpcg" and n_c < 3 * k_c:
+                fix = "solver: dense" if self.solver == "lobpcg" else "a dense_threshold of at least that n"
+                raise ValueError(
+                    f"SpectralGraphCallback k={self.k}, solver={self.solver!r}: shape class {c} ({d}x{r} signals) "
+                    f"has n={n_c} nodes and is solved by LOBPCG on {device}, which needs n >= 3k = {3 * k_c}; "
+                    f"lower k to at most {n_c // 3}, or use {fix}")
+
+    def class_solver(self: SpectralGraphCallback, n: int, device: torch.device | str) -> str:
+        """The solver of an n-node class on ``device``: ``dense`` or ``lobpcg`` (``auto`` resolved)."""
+        if self.solver != "auto":
+            return self.solver
+        threshold = self.dense_threshold if self.dense_threshold is not None else dense_threshold_for(device)
+        return "dense" if n <= threshold else "lobpcg"
 
     def edge_weights(self: SpectralGraphCallback) -> Tensor:
         """w (E,) on every candidate edge, by the configured weighting."""

@@ -188,13 +188,14 @@ class EdgeCorrelation:
             start += r.size(1)
 
     @torch.no_grad()
-    def update(self, G_by_class: Tensor | Sequence[Tensor]) -> Tensor:
+    def update(self, G_by_class: Tensor | Sequence[Tensor], skipped: Tensor | None = None) -> Tensor:
         """One EMA step from the stacked aligned gradients, per shape class (n_c, p_c) (``stack_signals``).
 
-        Returns a () bool tensor on the device: whether every gradient was finite. Applied only where the
-        gradients are finite and not all exactly zero (nothing to learn from those, and they would only shrink
-        the EMAs); otherwise the state is left exactly as it was. Counted in ``counts`` either way. No host
-        read: the test and the choice are device ops (``torch.where``).
+        Returns a () bool tensor on the device: whether every gradient was finite and the step goes ahead.
+        Applied only where the gradients are finite and not all exactly zero (nothing to learn from those, and
+        they would only shrink the EMAs), and the step is not ``skipped`` (the module's () bool flag of the
+        step: some other gradient is not finite); otherwise the state is left exactly as it was. Counted in
+        ``counts`` either way. No host read: the test and the choice are device ops (``torch.where``).
         """
         Gs = [G_by_class] if isinstance(G_by_class, Tensor) else list(G_by_class)
         if len(Gs) != self.num_classes:
@@ -212,6 +213,8 @@ class EdgeCorrelation:
         # (Cauchy–Schwarz). A sum past float32's range is not finite either: such a step would overflow Q.
         total = q.sum()  # ()
         finite, nonzero = torch.isfinite(total), total > 0  # (), ()
+        if skipped is not None:
+            finite = finite & ~skipped.to(finite.device)  # (): the step's own flag, from all gradients
         ok = finite & nonzero
         # EMA ← μ EMA + (1 − μ) new, where ok (else unchanged, bit for bit)
         new.mul_(1 - self.decay).add_(self.ema, alpha=self.decay)  # (n + P,)

@@ -33,6 +33,8 @@ from torch import Tensor
 from torch_geometric.data import Data
 from torch_geometric.utils import coalesce, subgraph, to_undirected
 
+from speclora.checks import is_int_in
+
 # Edge kinds, in the order of their integer code in ``edge_type``.
 EDGE_KINDS: tuple[str, ...] = ("intra", "inter_task", "inter_layer")
 EDGE_INTRA, EDGE_INTER_TASK, EDGE_INTER_LAYER = 0, 1, 2
@@ -63,7 +65,7 @@ class GraphLayout:
     shape_classes: list[tuple[tuple[int, int], Tensor]] = field(init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_tasks, int) or self.num_tasks < 1:
+        if not is_int_in(self.num_tasks, 1):
             raise ValueError(f"num_tasks must be an integer >= 1, got {self.num_tasks!r}")
         if len(self.slots) == 0:
             raise ValueError("slots must hold at least one (layer, module, d_in, d_out, r) entry, got []")

@@ -35,6 +35,20 @@ def high_pass_energy(Theta: Tensor, Theta0: Tensor, U: Tensor, gamma: float) -> 
     return gamma * high.pow(2).sum()  # ()
 
 
+def high_pass_energy_projected(delta: Tensor, c_delta: Tensor, gamma: float) -> Tensor:
+    """The high-pass energy from ΔΘ and its low-band coefficients C = Uᵀ ΔΘ (U orthonormal), the form the
+    training step computes (it holds C already): delta (n, p), c_delta (k, p) → scalar.
+
+        γ ‖(I − U Uᵀ) ΔΘ‖² = γ (‖ΔΘ‖² − ‖Uᵀ ΔΘ‖²)     (clamped at 0 against rounding)
+
+    Its gradient in Θ, 2γ ΔΘ − 2γ U C, is what the callback adds to the adapters' gradients.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma (spectral regularisation weight) must be >= 0, got {gamma}")
+    energy = torch.linalg.vector_norm(delta).square() - c_delta.square().sum()  # ()
+    return gamma * energy.clamp_min(0)  # ()
+
+
 def dirichlet_energy(Theta: Tensor, Theta0: Tensor, L: Tensor, gamma: float) -> Tensor:
     """γ tr(ΔΘᵀ L ΔΘ), which for L = D − W equals γ Σ_{undirected (i,j)} w_ij ‖Δθ_i − Δθ_j‖².
 
@@ -48,5 +62,11 @@ def dirichlet_energy(Theta: Tensor, Theta0: Tensor, L: Tensor, gamma: float) -> 
     L = L.detach().to(delta.dtype)
     # L ΔΘ
     LD = torch.sparse.mm(L, delta) if L.is_sparse else L @ delta  # (n, p)
+    return dirichlet_energy_of(delta, LD, gamma)
+
+
+def dirichlet_energy_of(delta: Tensor, l_delta: Tensor, gamma: float) -> Tensor:
+    """γ tr(ΔΘᵀ L ΔΘ) from ΔΘ (n, p) and L ΔΘ (n, p), the form the training step computes (it adds
+    ∇ = 2γ L ΔΘ to the gradients) → scalar."""
     # tr(ΔΘᵀ L ΔΘ) = Σ_{i,p} ΔΘ_ip (L ΔΘ)_ip
-    return gamma * (delta * LD).sum()  # ()
+    return gamma * (delta * l_delta).sum()  # ()

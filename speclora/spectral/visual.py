@@ -29,14 +29,25 @@ def task_layer_order(layout: GraphLayout) -> Tensor:
     return torch.argsort(key)  # (n,)
 
 
-def cluster_order(R: Tensor) -> Tensor:
-    """Leaf order of average-linkage hierarchical clustering on the distance 1 − |ρ|."""
+def cluster_linkage(R: Tensor | np.ndarray) -> np.ndarray | None:
+    """Average-linkage hierarchical clustering of the nodes on the distance 1 − |ρ|: scipy's (n − 1, 4)
+    linkage matrix, or None for fewer than 2 nodes. R: (n, n) ρ, a tensor or an array. The TensorBoard
+    heatmap (:func:`coordination_image`) and the bench figure (speclora.bench.plots) both order by it."""
+    R = torch.as_tensor(R)
+    # D_ij = max(0, 1 − |ρ_ij|), symmetrised, D_ii = 0
     D = (1.0 - R.abs()).clamp_min(0).cpu().numpy().astype(np.float64)  # (n, n)
     np.fill_diagonal(D, 0.0)
     D = (D + D.T) / 2
     if D.shape[0] < 2:
-        return torch.arange(D.shape[0])
-    Z = linkage(squareform(D, checks=False), method="average")
+        return None
+    return linkage(squareform(D, checks=False), method="average")
+
+
+def cluster_order(R: Tensor) -> Tensor:
+    """Leaf order of average-linkage hierarchical clustering on the distance 1 − |ρ| (:func:`cluster_linkage`)."""
+    Z = cluster_linkage(R)
+    if Z is None:
+        return torch.arange(R.shape[0])
     return torch.as_tensor(leaves_list(Z), dtype=torch.long)
 
 

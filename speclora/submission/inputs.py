@@ -35,6 +35,7 @@ import torch
 from speclora.data.glue_readers import TSV_LAYOUTS, where
 from speclora.data.sources import HUB_PAIRS
 from speclora.data.superglue_readers import JSONL_BUILDERS, Draft, read_jsonl_objects
+from speclora.methods import Single
 from speclora.model.module import LoRAConfig, OptimConfig, SpecLoRAModule
 from speclora.submission.writer import (
     PredictionBuffer,
@@ -210,7 +211,7 @@ def module_from_adapters(adapters: Path | str, task: str, backbone: str | None =
     lora = LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
                       targets=sorted(config["target_modules"]))
     model = SpecLoRAModule(tasks=[name], backbone=backbone or config["base_model_name_or_path"],
-                           method="single", lora=lora, pooling=meta["pooling"])
+                           method=Single(), lora=lora, pooling=meta["pooling"])
     model.import_adapters(folder.parent)
     return model
 

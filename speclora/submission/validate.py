@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speclora.data.datamodule import PREDICT_DIAGNOSTICS, read_predict_diagnostic
+from speclora.data.predict_inputs import PREDICT_DIAGNOSTICS, read_predict_diagnostic
 from speclora.data.sources import read_split
 from speclora.submission.formats import BY_NAME, GLUE_HEADER, STSB_RANGE, LeaderboardFile, json_idx
 from speclora.tasks import TASKS

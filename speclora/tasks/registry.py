@@ -42,6 +42,11 @@ METRIC_NAMES = (
 SMALL_TASK_THRESHOLD = 10_000
 LARGE_TASK_HOLDOUT = 1_000
 
+# The default suite (DESIGN.md): every GLUE and SuperGLUE task whose full training data is offline.
+# ``data.tasks`` defaults to it; configs/default.yaml and configs/suites/default.yaml spell it out
+# (tests/test_cli.py pins them to this list).
+DEFAULT_SUITE: list[str] = ["cola", "sst2", "mrpc", "stsb", "rte", "cb", "copa", "wic", "wsc", "multirc"]
+
 
 @dataclass(frozen=True)
 class EvalSet:

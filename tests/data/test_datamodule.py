@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speclora.data.datamodule import MultiTaskDataModule, _ShardSampler
+from speclora.data.datamodule import MultiTaskDataModule
+from speclora.data.loaders import ShardSampler
 from speclora.data.sources import read_split
 from speclora.tasks import get_task
 
@@ -127,7 +128,7 @@ def test_eval_loaders_name_their_entries(dm):
 
 
 def test_shard_sampler_covers_every_example_once():
-    shards = [list(_ShardSampler(11, r, 3)) for r in range(3)]
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
     flat = sorted(i for s in shards for i in s)
     assert flat == list(range(11))
 

@@ -11,7 +11,7 @@ def still_backbone(tmp_path_factory) -> str:
     """The tiny random BERT of tests/conftest.py without dropout: a CPU and a CUDA step see the same network."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from speclora.model.backbone import default_backbone_path
+    from speclora.backbone import default_backbone_path
 
     out = tmp_path_factory.mktemp("tiny_bert_no_dropout")
     tok = AutoTokenizer.from_pretrained(str(default_backbone_path()))

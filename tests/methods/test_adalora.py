@@ -87,6 +87,21 @@ def test_schedule_without_budgeting_phase_is_refused(tiny_backbone):
         module.method.after_optimizer_step(module)
 
 
+def test_a_skipped_step_is_read_from_the_module_flag(tiny_backbone, monkeypatch):
+    # AdaLoRA reads the module's skipped-step flag, not the absence of gradients
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="adalora")
+    module.method.set_total_step(10)
+    calls = []
+    monkeypatch.setattr(module.method.peft_model.base_model, "update_and_allocate", calls.append)
+    module.last_step_skipped = True
+    with pytest.warns(UserWarning, match="rank allocation skipped"):
+        module.method.after_optimizer_step(module)
+    assert calls == []
+    module.last_step_skipped = False  # a step that went ahead, gradients or not, is allocated
+    module.method.after_optimizer_step(module)
+    assert calls == [1]
+
+
 def test_one_shared_adapter_wraps_the_encoder(tiny_backbone):
     module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="adalora")
     assert module.router is None and module.slots == [] and lora_modules(module.encoder) == []
@@ -146,7 +161,7 @@ def test_edge_schedules_do_not_break_the_allocation(tiny_backbone):
     module.method.set_total_step(1)
     _backward(module)
     with pytest.warns(UserWarning, match="no importance scores before the final allocation"):
-        module.method.after_optimizer_step(SimpleNamespace(global_step=0, encoder=module.encoder))
+        module.method.after_optimizer_step(SimpleNamespace(global_step=0, encoder=module.encoder, last_step_skipped=False))
     assert module.method.config.rank_pattern is None
 
     # resumed in the final phase: the rank pattern is rebuilt from the masked (λ = 0) triplets and kept
@@ -160,7 +175,7 @@ def test_edge_schedules_do_not_break_the_allocation(tiny_backbone):
         E[1:] = 0.0
     _backward(module)
     module.method.after_optimizer_step(
-        SimpleNamespace(global_step=3, encoder=module.encoder)
+        SimpleNamespace(global_step=3, encoder=module.encoder, last_step_skipped=False)
     )  # step 4 > 4 - 2
     assert next(iter(module.method.kept_ranks().values())) == 1  # the first matrix keeps its 1 live triplet
     assert torch.count_nonzero(E) == 1

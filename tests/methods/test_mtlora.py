@@ -16,12 +16,12 @@ from speclora.methods.mtlora import (
     LinearWithLoRA,
     MTLoRA,
     TaskLoRA,
-    _sites,
     apply_block_adapter,
     low_rank_svd,
     spectral_orthogonality,
     spectral_weights,
 )
+from speclora.methods.mtlora_layers import task_lora_sites as _sites
 from speclora.model.lora import AdapterRouter
 from speclora.model.module import LoRAConfig, SpecLoRAModule
 from tests.cli_args import fit_args

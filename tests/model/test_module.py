@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import Independent, Shared, Single
 from speclora.model.lora import lora_modules
 from speclora.model.module import LoRAConfig, OptimConfig, SpecLoRAModule
 
@@ -29,8 +30,8 @@ def _randomise_adapters(module: SpecLoRAModule) -> None:
 
 
 def test_methods_hold_the_right_adapters(tiny_backbone):
-    independent = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="independent")
-    shared = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="shared")
+    independent = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=Independent())
+    shared = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=Shared())
     (_, layer), *_ = lora_modules(independent.encoder)
     assert layer.lora_A.shape[0] == 3
     (_, layer), *_ = lora_modules(shared.encoder)
@@ -45,7 +46,7 @@ def test_methods_hold_the_right_adapters(tiny_backbone):
 
 def test_single_refuses_several_tasks(tiny_backbone):
     with pytest.raises(ValueError, match="model.method=Single trains one task alone"):
-        SpecLoRAModule(TASKS, backbone=tiny_backbone, method="single")
+        SpecLoRAModule(TASKS, backbone=tiny_backbone, method=Single())
 
 
 @pytest.mark.parametrize(
@@ -159,3 +160,25 @@ def test_other_encoder_families_get_their_attention_targets(arch, tmp_path):
     with torch.no_grad():
         pooled = module.encode(batch)
     assert pooled.shape == (3, 32) and torch.isfinite(pooled).all()
+
+
+def test_the_module_is_handed_its_method_and_rebuilds_it_from_hparams(tiny_backbone):
+    from speclora.methods import Ortho
+    from speclora.model.method import Method, resolve_method
+
+    # the default is the Method base: per-task adapters, no coupling; its hparams rebuild it
+    default = SpecLoRAModule(TASKS, backbone=tiny_backbone)
+    assert type(default.method) is Method and default.method_name == "independent"
+    assert type(resolve_method(default.hparams["method"])) is Method
+    # checkpoints written before the interface moved name the method classes by their own module
+    old = {"class_path": "speclora.methods.lora_variants.Independent", "init_args": {}}
+    assert type(resolve_method(old)) is Independent
+    ortho = resolve_method({"class_path": "speclora.methods.ortho.Ortho", "init_args": {"blocks": "all"}})
+    assert isinstance(ortho, Ortho) and ortho.blocks == "all"
+    handed = Shared()
+    assert SpecLoRAModule(TASKS, backbone=tiny_backbone, method=handed).method is handed
+    assert type(resolve_method("independent")) is Independent  # the named class, not the base
+    with pytest.raises(ValueError, match="model.method='nope'; allowed: a Method instance"):
+        resolve_method("nope")
+    with pytest.raises(ValueError, match="model.method.class_path='os.path' is not a Method class"):
+        resolve_method({"class_path": "os.path"})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import FullFT, Shared
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
 from tests.model.eager_heads import eager_task_losses
@@ -192,13 +193,13 @@ def test_encoder_dtype_is_checked(tiny_backbone):
     with pytest.raises(ValueError, match="model.encoder_dtype='float16'; allowed: 'float32', 'bfloat16'"):
         SpecLoRAModule(TASKS, backbone=tiny_backbone, encoder_dtype="float16")
     with pytest.raises(ValueError, match="method full_ft trains every encoder weight"):
-        SpecLoRAModule(TASKS, backbone=tiny_backbone, method="full_ft", encoder_dtype="bfloat16")
+        SpecLoRAModule(TASKS, backbone=tiny_backbone, method=FullFT(), encoder_dtype="bfloat16")
 
 
 def test_the_prepared_attention_mask_gives_the_encoders_own_result(tiny_backbone, batches):
     from speclora.model.step import encoder_attention_mask, takes_prepared_mask
 
-    module = _module(tiny_backbone, method="shared").eval()  # one adapter: the encoder runs without routing
+    module = _module(tiny_backbone, method=Shared()).eval()  # one adapter: the encoder runs without routing
     batch = batches[0]
     assert takes_prepared_mask(module.encoder)
     for impl in ("sdpa", "eager"):

@@ -167,6 +167,29 @@ def test_nan_gradients_never_reach_the_parameters(tiny_backbone, datamodule):
     assert spectral.corr.num_updates == 0  # the EMA was not poisoned
 
 
+def test_one_skipped_step_flag_for_the_module_and_the_callback(tiny_backbone, datamodule):
+    # a NaN outside the adapters (a head's gradient): the step's one check (the module's) skips it, and the
+    # callback reads that flag: its EMAs do not move on a step the optimizer skips, and the check runs once
+    module = _module(tiny_backbone)
+    checks = []
+
+    class Poison(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            pl_module.heads.heads[0][1].weight.grad[0, 0] = float("nan")
+            check = pl_module._guard.check
+            pl_module._guard.check = lambda grads: checks.append(1) or check(grads)
+
+    spectral = SpectralGraphCallback(k=6)
+    before = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+    _fit(module, datamodule, [Poison(), spectral])
+    assert checks == [1]  # asked by the callback first, reused by the module's hook
+    assert all(torch.equal(p.detach(), b) for p, b in zip([p for p in module.parameters() if p.requires_grad],
+                                                           before))
+    assert int(module.skipped_steps) == 1
+    assert spectral.counters["skipped_nonfinite"] == 1
+    assert spectral.corr.num_updates == 0
+
+
 def test_lobpcg_needs_n_at_least_3k(tiny_backbone, datamodule):
     module = _module(tiny_backbone)  # 3 tasks x 8 slots x 2 = 48 nodes
     spectral = SpectralGraphCallback(k=20, dense_threshold=10)

@@ -183,3 +183,16 @@ def test_edge_weight_formulas():
     with pytest.raises(ValueError, match="one weight per edge kind"):
         fixed_weights(et, (1.0,))
     assert EDGE_INTER_TASK == 1
+
+
+def test_a_step_the_module_skips_leaves_the_emas_as_they_were():
+    # finite LoRA gradients, but the module's flag says the step is skipped (another gradient is not finite)
+    ei, _ = path(3)
+    corr = EdgeCorrelation(ei, 3, 0.5)
+    G = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    corr.update(G)
+    before = corr.state_dict()
+    flag = corr.update(2 * G, skipped=torch.tensor(True))
+    assert not bool(flag) and corr.num_updates == 1 and corr.num_skipped_nonfinite == 1
+    assert torch.equal(corr.state_dict()["pair_ema"], before["pair_ema"])
+    assert bool(corr.update(2 * G, skipped=torch.tensor(False))) and corr.num_updates == 2

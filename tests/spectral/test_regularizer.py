@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speclora.spectral import dirichlet_energy, high_pass_energy, laplacian, laplacian_dense
+from speclora.spectral import (
+    dirichlet_energy,
+    dirichlet_energy_of,
+    high_pass_energy,
+    high_pass_energy_projected,
+    laplacian,
+    laplacian_dense,
+)
 from tests.spectral.graphs import undirected
 
 
@@ -61,3 +68,18 @@ def test_argument_checks():
         high_pass_energy(theta, theta0[:3], torch.eye(4, 2, dtype=torch.float64), 0.1)
     with pytest.raises(ValueError, match="L must be"):
         dirichlet_energy(theta, theta0, laplacian(ei, w, 5), 0.1)
+
+
+def test_the_training_step_forms_equal_the_energies():
+    # the callback computes the energies from ΔΘ and Uᵀ ΔΘ (or L ΔΘ): the same values as the definitions
+    ei, w, theta, theta0 = toy()
+    g = torch.Generator().manual_seed(1)
+    U = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=torch.float64)).Q  # (4, 2)
+    delta = (theta - theta0).detach()  # (4, 3)
+    assert high_pass_energy_projected(delta, U.T @ delta, 0.03).item() == pytest.approx(
+        high_pass_energy(theta, theta0, U, 0.03).item(), rel=1e-9)
+    Ld = laplacian_dense(ei, w, 4)
+    assert dirichlet_energy_of(delta, Ld @ delta, 0.02).item() == pytest.approx(
+        dirichlet_energy(theta, theta0, Ld, 0.02).item(), rel=1e-9)
+    with pytest.raises(ValueError, match="gamma"):
+        high_pass_energy_projected(delta, U.T @ delta, -1.0)
