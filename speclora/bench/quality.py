@@ -269,7 +269,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True, help="output folder (resumed when it holds results)")
     q.add_argument("--methods", default="all",
                    help="comma list of arms: all (default), methods, ablations, or names such as "
-                        "independent,speclora,speclora/no_coordination; single always runs (ITR/IC reference)")
+                        "independent,speclora,speclora/no_coordination, or a variant speclora/<x> "
+                        "(configs/methods/speclora_<x>.yaml, e.g. speclora/legacy); single always runs (ITR/IC "
+                        "reference) unless --no-single")
     q.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the scale's)")
     q.add_argument("--lr-grid", default=None,
                    help="learning rates each LoRA method is tried at, seed 0, chosen on validation (default: the "
@@ -285,6 +287,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma list replacing the few-shot candidates (default: qnli,boolq; mnli, qqp, record "
                         "need their official dev sets in the data folder)")
     q.add_argument("--no-fewshot", action="store_true", help="skip the few-shot setting")
+    q.add_argument("--no-single", action="store_true",
+                   help="skip the single-task reference cells (no ITR, IC): a comparison between arms only")
     q.add_argument("--one-task", default=None, help="tasks of the single-task case, comma list ('' for none)")
     q.add_argument("--isolation", choices=("inline", "process"), default=None, help="default: the scale's")
     q.add_argument("--jobs", type=int, default=None, help="runs at once (process isolation; default: the scale's)")
@@ -346,12 +350,12 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     one_task = None if args.one_task is None else tuple(_list(args.one_task))
     suite = [get_task(t).name for t in _list(args.tasks)] if args.tasks else scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)
-    searched = search.search_cells(scale, arms, grid, make, suite) if grid else ()
+    searched = search.search_cells(scale, arms, grid, make, suite, not args.no_single) if grid else ()
 
     def plan_at(lrs: dict[str, float | None] | None) -> Plan:
         return scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
                                   fewshot=not args.no_fewshot, one_task=one_task, suite=suite,
-                                  fewshot_tasks=_list(args.fewshot_tasks), lrs=lrs)
+                                  fewshot_tasks=_list(args.fewshot_tasks), lrs=lrs, reference=not args.no_single)
 
     def matrix() -> Plan:
         """The matrix at the rates the search chose (from the search results on disk)."""

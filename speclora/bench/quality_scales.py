@@ -100,12 +100,29 @@ def ablation_arms(configs: Path) -> tuple[str, ...]:
     return tuple(f"{SPECTRAL}/{p.stem}" for p in sorted(folder.glob("*.yaml")))
 
 
+def variant_arms(configs: Path) -> tuple[str, ...]:
+    """``speclora/<variant>`` for every configs/methods/speclora_<variant>.yaml: a setting of the spectral
+    method layered on speclora.yaml (legacy, sparse, lobpcg, ...), run only when named in ``--methods``.
+    Like an ablation it runs at the spectral method's rate and reports as a row of Table 7 (paired Δ)."""
+    prefix = f"{SPECTRAL}_"
+    return tuple(f"{SPECTRAL}/{p.stem[len(prefix):]}"
+                 for p in sorted((configs / "methods").glob(f"{prefix}*.yaml")) if p.is_file())
+
+
 def arm_configs(arm: str, configs: Path) -> list[Path]:
-    """The method config files of an arm, in the order they are layered."""
-    method, _, ablation = arm.partition("/")
+    """The method config files of an arm, in the order they are layered.
+
+    ``speclora/<x>`` layers configs/methods/speclora_ablations/<x>.yaml (a Table 7 ablation) or, when no
+    ablation has that name, configs/methods/speclora_<x>.yaml (a variant) on speclora.yaml.
+    """
+    method, _, extra = arm.partition("/")
     files = [configs / "methods" / f"{method}.yaml"]
-    if ablation:
-        files.append(configs / "methods" / "speclora_ablations" / f"{ablation}.yaml")
+    if extra:
+        ablation = configs / "methods" / "speclora_ablations" / f"{extra}.yaml"
+        variant = configs / "methods" / f"{method}_{extra}.yaml"
+        if ablation.is_file() and variant.is_file():
+            raise ValueError(f"--methods: arm {arm!r} is ambiguous: both {ablation} and {variant} exist")
+        files.append(variant if variant.is_file() and not ablation.is_file() else ablation)
     for f in files:
         if not f.is_file():
             raise ValueError(f"--methods: arm {arm!r} has no config {f}")
@@ -114,19 +131,20 @@ def arm_configs(arm: str, configs: Path) -> list[Path]:
 
 def select_arms(spec: str, configs: Path) -> tuple[str, ...]:
     """``--methods``: a comma list of arm names and the keywords ``all`` (methods and ablations),
-    ``methods`` (every method arm) and ``ablations`` (every ``speclora/<ablation>``).
+    ``methods`` (every method arm) and ``ablations`` (every ``speclora/<ablation>``). A variant
+    ``speclora/<variant>`` (:func:`variant_arms`) runs only when named.
 
     Raises:
         ValueError: naming an unknown arm and what is allowed.
     """
     ablations = ablation_arms(configs)
-    known = (*METHOD_ARMS, *ablations)
+    known = (*METHOD_ARMS, *ablations, *variant_arms(configs))
     out: list[str] = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
         if item == "all":
-            picked = list(known)
+            picked = [*METHOD_ARMS, *ablations]
         elif item == "methods":
             picked = list(METHOD_ARMS)
         elif item == "ablations":
@@ -293,13 +311,15 @@ def plan_matrix(
     suite: list[str] | None = None,
     fewshot_tasks: list[str] | None = None,
     lrs: Mapping[str, float | None] | None = None,
+    reference: bool = True,
 ) -> Plan:
     """Every cell of the matrix, each with the full ``speclora`` argument list it will run with (:class:`CellFactory`).
 
     ``suite`` and ``fewshot_tasks`` replace the overlays' task lists (fewer tasks for a quicker check).
     ``lrs``: arm (and ``single``) -> the learning rate its cells run at, in every group (the rate chosen on
     the main suite's validation split also runs the few-shot and one-task cells); an arm missing from it
-    runs at its configs' rate.
+    runs at its configs' rate. ``reference=False`` leaves out the ``single`` cells (no ITR, IC): a comparison
+    between arms only.
     """
     if seeds < 1:
         raise ValueError(f"--seeds={seeds}; allowed: an integer >= 1")
@@ -313,7 +333,7 @@ def plan_matrix(
     for seed in range(seeds):
         for arm in arms:
             cells.append(make.cell("main", arm, seed, suite, main_overlay, rate.get(arm)))
-        for task in suite:
+        for task in suite if reference else ():
             cells.append(make.cell("single", REFERENCE, seed, [task], main_overlay, rate.get(REFERENCE)))
     one = scale.one_task if one_task is None else one_task
     if SPECTRAL in arms:
@@ -337,7 +357,7 @@ def plan_matrix(
                 subset = {t: fewshot_subset(t, seed) for t in available}
                 for arm in method_arms:
                     cells.append(make.cell("fewshot", arm, seed, available, few_overlay, rate.get(arm), subset))
-                for task in available:
+                for task in available if reference else ():
                     cells.append(make.cell("fewshot_single", REFERENCE, seed, [task], few_overlay,
                                            rate.get(REFERENCE), {task: subset[task]}))
     return Plan(tuple(cells), tuple(suite), tuple(available), skipped)

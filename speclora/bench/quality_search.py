@@ -58,13 +58,14 @@ def tuned_arm(arm: str) -> str:
     return SPECTRAL if "/" in arm else arm
 
 
-def tuned_arms(arms: Sequence[str]) -> list[str]:
-    """The arms searched for a selection of arms: its methods (the spectral method for any ablation), and single."""
+def tuned_arms(arms: Sequence[str], reference: bool = True) -> list[str]:
+    """The arms searched for a selection of arms: its methods (the spectral method for any ablation), and
+    single (unless ``reference`` is False: no single cells)."""
     out: list[str] = []
     for arm in arms:
         if tuned_arm(arm) not in out:
             out.append(tuned_arm(arm))
-    return [*out, REFERENCE]
+    return [*out, REFERENCE] if reference else out
 
 
 def grid_of(arm: str, grid: Sequence[float]) -> tuple[float, ...]:
@@ -72,14 +73,14 @@ def grid_of(arm: str, grid: Sequence[float]) -> tuple[float, ...]:
 
 
 def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make: CellFactory,
-                 suite: Sequence[str]) -> tuple[Cell, ...]:
+                 suite: Sequence[str], reference: bool = True) -> tuple[Cell, ...]:
     """The search runs: every tuned arm at every rate of its grid, seed 0, the main suite and budget.
 
     Ordered rate by rate, the highest first (each arm's i-th highest rate, then the next): a search stopped
     early holds whole rates, and ``--lr-grid`` without the missing ones reuses every finished run.
     """
     overlay = scale.overlay(make.configs)
-    grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms)}
+    grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms, reference)}
     cells = []
     for i in range(max(len(g) for g in grids.values())):
         for arm, rates_of_arm in grids.items():

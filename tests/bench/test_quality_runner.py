@@ -12,12 +12,15 @@ from speclora.bench.quality_scales import (
     REPO_CONFIGS,
     SCALES,
     Cell,
+    CellFactory,
     Plan,
+    arm_configs,
     fewshot_availability,
     fmt_rate,
     plan_matrix,
     select_arms,
 )
+from speclora.bench.quality_search import search_cells
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +175,43 @@ def test_every_arm_has_a_config_and_selection_is_checked():
     assert select_arms("methods", REPO_CONFIGS)[-1] == "speclora"
     with pytest.raises(ValueError, match="unknown arm 'nope'"):
         select_arms("independent,nope", REPO_CONFIGS)
+
+
+def test_a_variant_arm_layers_its_config_on_speclora_and_runs_only_when_named(tmp_path):
+    assert "speclora/legacy" not in select_arms("all", REPO_CONFIGS)  # variants are not ablations
+    assert select_arms("speclora,speclora/legacy,speclora/carry_index", REPO_CONFIGS) == (
+        "speclora", "speclora/legacy", "speclora/carry_index")
+    methods = REPO_CONFIGS / "methods"
+    assert arm_configs("speclora/legacy", REPO_CONFIGS) == [methods / "speclora.yaml", methods / "speclora_legacy.yaml"]
+    assert arm_configs("speclora/no_filtering", REPO_CONFIGS) == [
+        methods / "speclora.yaml", methods / "speclora_ablations" / "no_filtering.yaml"]
+    plan = plan_matrix(SCALES["smoke"], ("speclora", "speclora/legacy"), 1, REPO_CONFIGS, "b", fewshot=False,
+                       one_task=(), suite=["rte", "stsb"])
+    cell = next(c for c in plan.cells if c.arm == "speclora/legacy")
+    assert cell.run_id == "main__speclora-legacy__suite__seed0"
+    configs = [cell.args[i + 1] for i, a in enumerate(cell.args) if a == "--config"]
+    assert configs[-2:] == [str(methods / "speclora.yaml"), str(methods / "speclora_legacy.yaml")]
+    # a name that is both an ablation and a variant is refused, naming both files
+    fake = tmp_path / "configs"
+    (fake / "methods" / "speclora_ablations").mkdir(parents=True)
+    for f in ("speclora.yaml", "speclora_x.yaml", "speclora_ablations/x.yaml"):
+        (fake / "methods" / f).write_text("{}\n")
+    with pytest.raises(ValueError, match="ambiguous"):
+        arm_configs("speclora/x", fake)
+    with pytest.raises(ValueError, match="has no config"):
+        arm_configs("speclora/nope", REPO_CONFIGS)
+
+
+def test_no_single_leaves_out_the_reference_cells_and_their_search():
+    arms = ("speclora", "speclora/legacy")
+    with_ref = plan_matrix(SCALES["smoke"], arms, 2, REPO_CONFIGS, "b", fewshot=False, one_task=(), suite=["rte"])
+    without = plan_matrix(SCALES["smoke"], arms, 2, REPO_CONFIGS, "b", fewshot=False, one_task=(), suite=["rte"],
+                          reference=False)
+    assert {c.group for c in with_ref.cells} == {"main", "single"}
+    assert [c.run_id for c in without.cells] == [c.run_id for c in with_ref.cells if c.group == "main"]
+    make = CellFactory(REPO_CONFIGS, "b")
+    assert [c.arm for c in search_cells(SCALES["smoke"], arms, (1e-3,), make, ["rte"], reference=False)] == ["speclora"]
+    assert "single" in [c.arm for c in search_cells(SCALES["smoke"], arms, (1e-3,), make, ["rte"])]
 
 
 @pytest.mark.slow
