@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from speclora.methods.adalora import AdaLoRA
+from speclora.methods.combine import CAGrad, NashMTL
 from speclora.methods.famo import FAMO
 from speclora.methods.base import Method
 from speclora.methods.full_ft import FullFT
@@ -18,7 +19,8 @@ from speclora.methods.speclora import SpecLoRA
 from speclora.methods.unolora import UnoLoRAStar
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Single, Independent, Shared, Ortho, FullFT, UnoLoRAStar, HyperFormer,
-                                                 SpecLoRA, AdaLoRA, MTLoRA, FAMO)}
+                                                 SpecLoRA, AdaLoRA, MTLoRA, FAMO, CAGrad,
+                                                 NashMTL)}
 
 
 def get_method(name: str | Method | Mapping[str, Any]) -> Method:
@@ -58,5 +60,5 @@ def _from_config(value: Mapping[str, Any]) -> Method:
     return cls(**dict(value.get("init_args") or {}))
 
 
-__all__ = ["FAMO", "METHODS", "AdaLoRA", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
+__all__ = ["CAGrad", "FAMO", "METHODS", "AdaLoRA", "NashMTL", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
            "get_method", "method_names"]
