@@ -7,9 +7,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from speclora.methods.adalora import AdaLoRA
+from speclora.methods.base import Method
 from speclora.methods.combine import CAGrad, NashMTL
 from speclora.methods.famo import FAMO
-from speclora.methods.base import Method
 from speclora.methods.full_ft import FullFT
 from speclora.methods.hyperformer import HyperFormer
 from speclora.methods.lora_variants import Independent, Shared, Single

@@ -12,7 +12,12 @@ import torch
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import CAGrad, NashMTL
 from speclora.methods.task_grads import mean_over_ranks, replace_batch_gradient
-from speclora.methods.weighting import cagrad_coefficients, cagrad_direction, conflict_share, nash_coefficients
+from speclora.methods.weighting import (
+    cagrad_coefficients,
+    cagrad_direction,
+    conflict_share,
+    nash_coefficients,
+)
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
 from tests.cli_args import fit_args
