@@ -13,6 +13,7 @@ from speclora.methods.famo import FAMO
 from speclora.methods.full_ft import FullFT
 from speclora.methods.hyperformer import HyperFormer
 from speclora.methods.lora_variants import Independent, Shared, Single
+from speclora.methods.mtl_lora import MTLLoRA
 from speclora.methods.mtlora import MTLoRA
 from speclora.methods.ortho import Ortho
 from speclora.methods.speclora import SpecLoRA
@@ -20,7 +21,7 @@ from speclora.methods.unolora import UnoLoRAStar
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Single, Independent, Shared, Ortho, FullFT, UnoLoRAStar, HyperFormer,
                                                  SpecLoRA, AdaLoRA, MTLoRA, FAMO, CAGrad,
-                                                 NashMTL)}
+                                                 NashMTL, MTLLoRA)}
 
 
 def get_method(name: str | Method | Mapping[str, Any]) -> Method:
@@ -60,5 +61,5 @@ def _from_config(value: Mapping[str, Any]) -> Method:
     return cls(**dict(value.get("init_args") or {}))
 
 
-__all__ = ["CAGrad", "FAMO", "METHODS", "AdaLoRA", "NashMTL", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
+__all__ = ["CAGrad", "FAMO", "METHODS", "AdaLoRA", "NashMTL", "MTLLoRA", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
            "get_method", "method_names"]
