@@ -220,3 +220,11 @@ def test_runs_from_the_cli(config, tiny_backbone, data_root, cache, tmp_path):
         assert key in metrics, f"{key} not logged; logged: {sorted(metrics)}"
     folders = cli.model.export_adapters(tmp_path / "export")
     assert len(folders) == 3 and all((f / "adapter_config.json").is_file() for f in folders)
+
+
+def test_nash_clip_compares_the_unscaled_norm():
+    d = torch.tensor([3.0, 4.0]) * 1024.0  # ‖d‖ = 5 before the AMP loss scale 1024
+    clipped = NashMTL(max_norm=1.0).limit(d, 1024.0)
+    assert torch.allclose(clipped, torch.tensor([0.6, 0.8]) * 1024.0)
+    assert torch.equal(NashMTL(max_norm=10.0).limit(d, 1024.0), d)  # under the limit: unchanged
+    assert torch.equal(NashMTL(max_norm=0.0).limit(d, 1.0), d)  # 0: no clip
