@@ -2,19 +2,22 @@
 
 A step on a batch holding the tasks S (notation of speclora/methods/weighting.py):
 
-    g_t = ∇_θ (λ_t L_t)              t ∈ S; θ the shared LoRA (every lora_A and lora_B); task_grads.py
+    g_t = ∇_θ (λ_t L_t)              t ∈ S; θ the shared LoRA (every lora_A and lora_B); task_grads.py:
+                                     summed per task from per-row activations during the one backward
+                                     (``task_grads: rows``), or one backward per task (``backward``)
     K   = G Gᵀ                       (S, S) Gram matrix, float64, read to the host (S² numbers)
     β   = coefficients(K)            CAGrad: cagrad_coefficients;  Nash-MTL: nash_coefficients
     ∇_θ ← Σ_t β_t g_t                replaces Σ_t g_t in θ.grad; the heads keep their plain gradients
 
 Under DDP the per-task gradients are averaged over ranks before K is formed, so every rank solves the same
-problem and writes the same gradient. Cost: one extra backward per task of the batch (as Ortho), one pass
-over θ for K and one for d, and a solve of size |S| on the host.
+problem and writes the same gradient. Cost: with ``rows``, two small batched matmuls per LoRA layer in the
+backward (no extra backward; ``backward``: one per task of the batch, as Ortho), one pass over θ for K and one
+for d, and a solve of size |S| on the host.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from speclora.methods.base import Method
 from speclora.methods.task_grads import (
+    RowGradients,
     TaskGradients,
     loss_scale,
     mean_over_ranks,
@@ -38,11 +42,20 @@ if TYPE_CHECKING:
 
 __all__ = ["CAGrad", "GradientCombination", "NashMTL"]
 
+TASK_GRADS = ("rows", "backward")
+
+
+def _check_task_grads(value: str) -> str:
+    if value not in TASK_GRADS:
+        raise ValueError(f"model.method.init_args.task_grads={value!r}; allowed: {', '.join(map(repr, TASK_GRADS))}")
+    return value
+
 
 class GradientCombination(Method):
     """One shared LoRA; the per-task gradients on it replaced by a combination Σ_t β_t g_t (subclasses give β)."""
 
     name: ClassVar[str] = "gradient_combination"
+    task_grads: str = "rows"
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray | None:
         """(S,) β from the (S, S) Gram matrix of the (loss-scaled by ``scale``) task gradients; None: keep the
@@ -69,15 +82,26 @@ class GradientCombination(Method):
 
     def build(self, module: SpecLoRAModule) -> None:
         super().build(module)
-        params = []
-        for _, layer in lora_modules(module.encoder):
+        params, layers = [], [layer for _, layer in lora_modules(module.encoder)]
+        for layer in layers:
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
         module.task_grads = TaskGradients(params)
+        if self.task_grads == "rows":
+            module.task_grads.rows = RowGradients(layers)
+
+    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
+        """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
+        a training step; evaluation runs without them)."""
+        if self.task_grads == "rows" and torch.is_grad_enabled():
+            module.task_grads.rows.arm(batch["seq_task"], len(module.specs))
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs) -> dict[str, Tensor]:
-        """Take g_t = ∇_θ(s·λ_t L_t) for each task of the batch; adds no loss term."""
+        """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch; adds no loss term."""
         state: TaskGradients = module.task_grads
+        if self.task_grads == "rows":  # the gradients come with the module's backward
+            state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
+            return {}
         losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
         state.grads, state.present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
         return {}
@@ -85,7 +109,9 @@ class GradientCombination(Method):
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t β_t g_t, from the rank-averaged per-task gradients."""
         state: TaskGradients = module.task_grads
-        if state.grads is None:
+        if self.task_grads == "rows":
+            state.grads = state.rows.disarm()
+        if state.grads is None or state.present is None:
             return
         grads, present = mean_over_ranks(state.grads, state.present)
         state.grads = state.present = None
@@ -120,15 +146,18 @@ class CAGrad(GradientCombination):
     Args:
         c: the radius of the ball, in units of ‖g₀‖ (0: the average gradient; the paper's MTL runs: 0.4).
         rescale: divide d by 1 + c² (the reference code's default), keeping the step's size near g₀'s.
+        task_grads: ``rows`` (per-task gradients from per-row activations in the one backward) or
+            ``backward`` (one backward per task, as Ortho); the same gradients up to float rounding.
     """
 
     name: ClassVar[str] = "cagrad"
 
-    def __init__(self, c: float = 0.4, rescale: bool = True) -> None:
+    def __init__(self, c: float = 0.4, rescale: bool = True, task_grads: Literal["rows", "backward"] = "rows") -> None:
         if not (isinstance(c, int | float) and not isinstance(c, bool) and 0 <= c < float("inf")):
             raise ValueError(f"model.method.init_args.c={c!r}; allowed: a number >= 0")
         self.c = float(c)
         self.rescale = bool(rescale)
+        self.task_grads = _check_task_grads(task_grads)
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray:
         # β of d (the average-based direction), times S so that c = 0 gives Σ_t g_t
@@ -146,11 +175,13 @@ class NashMTL(GradientCombination):
         max_norm: clip of the combined gradient's norm (the reference code's 1.0); 0 disables it.
         tol: the solve's tolerance on ‖Kα − 1/α‖_∞.
         max_iter: Newton iterations at most (a solve that stops early is counted and warned about).
+        task_grads: as for CAGrad.
     """
 
     name: ClassVar[str] = "nash_mtl"
 
-    def __init__(self, max_norm: float = 1.0, tol: float = 1e-10, max_iter: int = 100) -> None:
+    def __init__(self, max_norm: float = 1.0, tol: float = 1e-10, max_iter: int = 100,
+                 task_grads: Literal["rows", "backward"] = "rows") -> None:
         if not (isinstance(max_norm, int | float) and max_norm >= 0):
             raise ValueError(f"model.method.init_args.max_norm={max_norm!r}; allowed: a number >= 0 (0: no clip)")
         if not (isinstance(tol, int | float) and tol > 0):
@@ -160,6 +191,7 @@ class NashMTL(GradientCombination):
         self.max_norm = float(max_norm)
         self.tol = float(tol)
         self.max_iter = max_iter
+        self.task_grads = _check_task_grads(task_grads)
         self._unconverged = 0
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray:

@@ -123,6 +123,7 @@ def test_conflict_share_counts_negative_pairs():
     (NashMTL, {"max_norm": -1.0}, r"model.method.init_args.max_norm=-1.0"),
     (NashMTL, {"tol": 0.0}, r"model.method.init_args.tol=0.0"),
     (NashMTL, {"max_iter": 0}, r"model.method.init_args.max_iter=0"),
+    (CAGrad, {"task_grads": "per_row"}, r"model.method.init_args.task_grads='per_row'; allowed: 'rows', 'backward'"),
 ])
 def test_bad_options_name_the_key(cls, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -171,8 +172,9 @@ def _module(tiny_backbone: str, method) -> SpecLoRAModule:
     return module
 
 
-@pytest.mark.parametrize("method", [CAGrad(c=0.5), NashMTL(max_norm=0.0), NashMTL(max_norm=10.0)],
-                         ids=["cagrad", "nash", "nash-clipped"])
+@pytest.mark.parametrize("method", [CAGrad(c=0.5), NashMTL(max_norm=0.0), NashMTL(max_norm=10.0),
+                                    CAGrad(c=0.5, task_grads="backward"), NashMTL(max_norm=0.0, task_grads="backward")],
+                         ids=["cagrad", "nash", "nash-clipped", "cagrad-backward", "nash-backward"])
 def test_a_step_writes_the_combination_into_the_shared_lora(tiny_backbone, batch, method):
     module = _module(tiny_backbone, method)
     params = module.task_grads.params
@@ -228,3 +230,35 @@ def test_nash_clip_compares_the_unscaled_norm():
     assert torch.allclose(clipped, torch.tensor([0.6, 0.8]) * 1024.0)
     assert torch.equal(NashMTL(max_norm=10.0).limit(d, 1024.0), d)  # under the limit: unchanged
     assert torch.equal(NashMTL(max_norm=0.0).limit(d, 1.0), d)  # 0: no clip
+
+
+def test_row_gradients_of_a_layer_by_hand():
+    from speclora.methods.task_grads import row_task_gradients
+
+    # one token per row, r = 1: y = W x + c B A h, rows 0 and 2 of task 0, row 1 of task 1
+    h = torch.tensor([[[1.0, 2.0]], [[0.0, 1.0]], [[3.0, 0.0]]])  # (N=3, L=1, d_in=2)
+    delta = torch.tensor([[[1.0]], [[2.0]], [[-1.0]]])  # (N, L, d_out=1)
+    A, B = torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0]])  # (1, 2), (1, 1)
+    onehot = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    grad_a, grad_b = row_task_gradients(h, delta, A, B, onehot, scaling=0.5)
+    # ∂/∂B = c Σ δ (A h): task 0: 0.5 (1·3 + (−1)·3) = 0; task 1: 0.5 · 2 · 1 = 1
+    assert grad_b.flatten().tolist() == [0.0, 1.0]
+    # ∂/∂A = c Σ (B δ) hᵀ: task 0: 0.5 (2·[1, 2] − 2·[3, 0]) = [−2, 2]; task 1: 0.5 · 4 · [0, 1] = [0, 2]
+    assert grad_a.reshape(2, 2).tolist() == [[-2.0, 2.0], [0.0, 2.0]]
+
+
+def test_rows_and_backward_give_the_same_per_task_gradients_with_dropout(tiny_backbone, batch):
+    """In training mode (encoder and LoRA dropout on): the per-row sums equal one autograd.grad per task."""
+    module = _module(tiny_backbone, NashMTL(max_norm=0.0)).train()
+    state = module.task_grads
+    torch.manual_seed(3)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    rows = state.rows.disarm()  # (T, P), before after_backward consumes it
+    assert rows is not None and rows.abs().sum() > 0
+    module.zero_grad()
+    torch.manual_seed(3)  # the same dropout masks
+    out = module(batch)
+    grads = torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(
+        module.task_weights[t] * out[t].loss, state.params, retain_graph=True)]) for t in range(3)])
+    torch.testing.assert_close(rows, grads, atol=1e-6, rtol=1e-4)
