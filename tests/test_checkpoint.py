@@ -70,6 +70,10 @@ METHODS = [  # every method, with options that differ from its defaults
     ("SpecLoRA", {}, ["rte", "stsb", "copa"]),
     ("AdaLoRA", {"init_r": 6, "target_r": 4, "deltaT": 5}, ["rte", "stsb"]),
     ("MTLoRA", {"block": "ffn", "routing_group_size": 2, "reg_weight": 0.5}, ["rte", "stsb"]),
+    ("FAMO", {"adapters": "shared", "lr": 0.01, "gamma": 0.0}, ["rte", "stsb"]),
+    ("CAGrad", {"c": 0.2, "rescale": False}, ["rte", "stsb"]),
+    ("NashMTL", {"max_norm": 0.0, "tol": 1e-8, "max_iter": 20}, ["rte", "stsb"]),
+    ("MTLLoRA", {"num_up": 2, "temperature": 0.5, "diagonal": True}, ["rte", "stsb", "copa"]),
 ]
 
 

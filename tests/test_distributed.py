@@ -324,7 +324,8 @@ def test_two_simulated_nodes_on_loopback(tiny_backbone, data_root, cache, global
 # ---------------------------------------------------------------------------------------------- every method
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["independent", "shared", "single", "unolora_star", "hyperformer", "adalora",
-                                    "mtlora", "full_ft"])
+                                    "mtlora", "full_ft", "famo", "cagrad",
+                                    "nash_mtl", "mtl_lora"])
 def test_every_method_trains_under_ddp(method, tiny_backbone, data_root, cache, tmp_path):
     config = REPO / "configs" / "methods" / f"{method}.yaml"
     extra = ["--data.tasks", "[rte]"] if method == "single" else []

@@ -32,7 +32,7 @@ from speclora.bench import measure
 
 MODULE = "speclora.bench.methods"
 METHODS = ["independent", "shared", "speclora", "unolora_star", "adalora", "ortho", "mtlora", "hyperformer",
-           "full_ft"]
+           "full_ft", "famo", "cagrad", "nash_mtl", "mtl_lora"]
 COUNTS = ("host_reads", "aten_ops", "leaf_ops", "cuda_launches", "cuda_syncs")
 
 

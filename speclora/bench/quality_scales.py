@@ -32,12 +32,14 @@ REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 # The methods of the harness (DESIGN.md, "Methods in one harness"), one config each under configs/methods/.
 METHOD_ARMS: tuple[str, ...] = ("independent", "shared", "unolora_star", "adalora", "ortho", "mtlora",
-                                "hyperformer", "full_ft", "speclora")
+                                "hyperformer", "famo", "cagrad", "nash_mtl", "mtl_lora", "full_ft",
+                                "speclora")
 REFERENCE = "single"
 SPECTRAL = "speclora"
 # Baselines the spectral method is tested against (significance): the parameter-efficient ones. full_ft
 # trains the whole encoder, a different budget: it is reported, as an upper reference, not a baseline.
-BASELINES: tuple[str, ...] = ("independent", "shared", "unolora_star", "adalora", "ortho", "mtlora", "hyperformer")
+BASELINES: tuple[str, ...] = ("independent", "shared", "unolora_star", "adalora", "ortho", "mtlora", "hyperformer",
+                              "famo", "cagrad", "nash_mtl", "mtl_lora")
 # Few-shot candidates: LM-BFF 16-shot GLUE and FewGLUE 32 SuperGLUE (SOURCES.md); LM-BFF seeds in order.
 FEWSHOT_TASKS: tuple[str, ...] = ("mnli", "qqp", "qnli", "boolq", "record")
 LMBFF_SEEDS: tuple[int, ...] = (13, 21, 42, 87, 100)

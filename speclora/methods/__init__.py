@@ -7,9 +7,12 @@ from typing import Any
 
 from speclora.methods.adalora import AdaLoRA
 from speclora.methods.base import Method
+from speclora.methods.combine import CAGrad, NashMTL
+from speclora.methods.famo import FAMO
 from speclora.methods.full_ft import FullFT
 from speclora.methods.hyperformer import HyperFormer
 from speclora.methods.lora_variants import Independent, Shared, Single
+from speclora.methods.mtl_lora import MTLLoRA
 from speclora.methods.mtlora import MTLoRA
 from speclora.methods.ortho import Ortho
 from speclora.methods.speclora import SpecLoRA
@@ -17,7 +20,8 @@ from speclora.methods.unolora import UnoLoRAStar
 from speclora.model.method import resolve_method
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Single, Independent, Shared, Ortho, FullFT, UnoLoRAStar, HyperFormer,
-                                                 SpecLoRA, AdaLoRA, MTLoRA)}
+                                                 SpecLoRA, AdaLoRA, MTLoRA, FAMO, CAGrad,
+                                                 NashMTL, MTLLoRA)}
 
 
 def get_method(name: str | Method | Mapping[str, Any]) -> Method:
@@ -37,5 +41,5 @@ def method_names() -> list[str]:
     return [cls.__name__ for cls in METHODS.values()]
 
 
-__all__ = ["METHODS", "AdaLoRA", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
+__all__ = ["CAGrad", "FAMO", "METHODS", "NashMTL", "MTLLoRA", "AdaLoRA", "MTLoRA", "FullFT", "HyperFormer", "Independent", "Method", "Ortho", "Shared", "Single", "SpecLoRA", "UnoLoRAStar",
            "get_method", "method_names"]
