@@ -57,6 +57,8 @@ from speclora.spectral.filters import (
     TABLE3_EDGES,
     band_energy,
     band_response,
+    filter_gradient_,
+    filter_update_,
     hypergradient_step,
 )
 from speclora.spectral.graph import (
@@ -364,22 +366,21 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
                 cd = self._projected(self._c_delta_prev, c, self.delta_prev[c])  # (k, p_c)
                 h = hypergradient_step(self.h_learned[c], cg[: filt.k], cd, self.hyper_lr, self.hyper_clip)
                 self.h_learned[c] = torch.where(finite, h, self.h_learned[c])  # (k,)
-            # G' = h_rest G + U diag(h − h_rest) Uᵀ G
-            low = self._grad_coef[c] * cg  # (m_g, p_c)
-            # g is this step's own stacked copy: updated in place from here on
-            g2 = g if filt.grad_rest == 1.0 else g.mul_(filt.grad_rest)  # (n_c, p_c)
+            # G' = h_rest G + U diag(h − h_rest) Uᵀ G + ∇γR, in place on this step's own stacked copy g
+            reg = reg_low = None
             if self.regularizer == "highpass" and self.gamma > 0:
                 # R = γ‖(I − U_k U_kᵀ) ΔΘ‖² = γ(‖ΔΘ‖² − ‖U_kᵀ ΔΘ‖²),  ∇R = 2γ ΔΘ − 2γ U_k U_kᵀ ΔΘ
                 work = self._buffers("delta")
-                delta = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c)
-                c_delta = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
-                g2 = g2.add_(delta, alpha=2 * self.gamma)
-                low[: filt.k].sub_(c_delta, alpha=2 * self.gamma)
-                reg_values.append(high_pass_energy_projected(delta, c_delta, self.gamma))
+                reg = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c) ΔΘ
+                reg_low = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
+                reg_values.append(high_pass_energy_projected(reg, reg_low, self.gamma))
             elif self.regularizer == "dirichlet" and self.gamma > 0:
-                g2, value = self._dirichlet(c, g2, theta[c] - self.theta0[c])
-                reg_values.append(value)
-            filtered.append(g2.addmm_(U, low))  # (n_c, p_c): + U diag(h − h_rest) Uᵀ G − 2γ U_k U_kᵀ ΔΘ
+                # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
+                delta = theta[c] - self.theta0[c]  # (n_c, p_c)
+                reg = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c) L ΔΘ
+                reg_values.append(dirichlet_energy_of(delta, reg, self.gamma))
+            coef = self._grad_coef[c]  # (m_g, 1) h_g − h_g,rest
+            filtered.append(filter_gradient_(g, U, cg, coef, filt.grad_rest, self.gamma, reg, reg_low))
         self._write(filtered, grad=True)
         if reg_values:
             total = torch.stack(reg_values).sum()  # ()
@@ -390,11 +391,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
             self._step_of_snapshot, self._finite = step, finite
         if energies is not None:
             log_step(self, trainer, pl_module, energies)
-
-    def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
-        ld = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c)
-        return g.add_(ld, alpha=2 * self.gamma), dirichlet_energy_of(delta, ld, self.gamma)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
@@ -418,15 +414,11 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         for c, (b, a) in enumerate(zip(before, after)):
             filt, coef = self.filters[c], self._rate_coef[c]  # (m_u,) h_u − h_u,rest
             delta = torch.sub(a, b, out=work[c] if work else None)  # (n_c, p_c): the optimizer's update
-            U = filt.basis[:, : coef.numel()]  # (n_c, m_u)
-            c_delta = U.T @ delta  # (m_u, p_c)
             if self.learned:
                 # h_u − h_u,rest on the low band: e(λ) × learned coefficients − h_u,rest
                 torch.mul(filt.rate[: filt.k], self.h_learned[c], out=coef[: filt.k]).sub_(filt.rate_rest)
-            # Θ_before + h_u,rest Δ + U diag(h_u − h_u,rest) Uᵀ Δ = Θ_after + (h_u,rest − 1) Δ + U diag(coef) Uᵀ Δ
-            if filt.rate_rest != 1.0:
-                a = a.add_(delta, alpha=filt.rate_rest - 1.0)
-            out.append(a.addmm_(U, coef.unsqueeze(1) * c_delta))
+            a, c_delta = filter_update_(a, delta, filt.basis[:, : coef.numel()], coef, filt.rate_rest)
+            out.append(a)  # (n_c, p_c); c_delta = Uᵀ Δ (m_u, p_c)
             if self.learned:
                 # Δ_{t} and U_kᵀ Δ_{t} for the next hypergradient, only where this step's gradients were finite
                 prev = self.delta_prev[c]
