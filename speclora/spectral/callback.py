@@ -197,24 +197,15 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self._device = edge_index.device
         self.corr = EdgeCorrelation(edge_index, self.layout.num_nodes, self.ema_decay,
                                     node_class=self.layout.node_class)
-        positions = torch.arange(edge_index.size(1))  # (E,)
-        self._class_edges_index, self._class_edges_ids = [], []
-        for c in range(len(self.layout.shape_classes)):
-            ei, ids = class_subgraph(self.layout, edge_index, positions, c)  # (2, E_c), (E_c,)
-            self._class_edges_index.append(ei)
-            self._class_edges_ids.append(ids)
+        positions = torch.arange(edge_index.size(1))  # (E,): each class's edges and their positions in edge_index
+        per_class = [class_subgraph(self.layout, edge_index, positions, c)
+                     for c in range(len(self.layout.shape_classes))]  # [((2, E_c), (E_c,))]
+        self._class_edges_index = [ei for ei, _ in per_class]
+        self._class_edges_ids = [ids for _, ids in per_class]
         self.class_k = [min(self.k, ids.numel()) for _, ids in self.layout.shape_classes]
         # the device the strategy will train on (cuda:N under DDP): its crossover decides dense vs LOBPCG
         self._check_solver(getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device)
-        n_classes = len(self.layout.shape_classes)
-        self.values, self.vectors, self.filters = [None] * n_classes, [None] * n_classes, [None] * n_classes
-        self.h_learned = [None] * n_classes
-        self.delta_prev = [None] * n_classes
-        self.theta0 = []  # taken at on_train_start, on the training device (or restored from a checkpoint)
-        self.graph, self.graph_weight = None, None
-        self.last_refresh = []
-        self._work = {}
-        self._reset_caches()
+        self._reset_class_state()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -222,14 +213,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self._graph_stats = stats
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
-
-    def _reset_caches(self) -> None:
-        n_classes = len(self.layout.shape_classes)
-        self._vectors_version = [0] * n_classes
-        self._c_delta_prev = [None] * n_classes
-        self._c_theta0 = [None] * n_classes
-        self._grad_coef, self._rate_coef = [None] * n_classes, [None] * n_classes
-        self._laplacians = [None] * n_classes
 
     # ------------------------------------------------------------------ responses (for the logs)
     def gradient_response(self, c: int) -> tuple[Tensor, float]:

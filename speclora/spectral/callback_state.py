@@ -75,6 +75,27 @@ class StateMixin:
         self._batch_start = 0.0
         self._time_total = 0.0
 
+    def _reset_class_state(self: SpectralGraphCallback) -> None:
+        """Per shape class: no eigenpairs, filters, learned coefficients or update memory yet (set-up)."""
+        n_classes = len(self.layout.shape_classes)
+        self.values, self.vectors, self.filters = [None] * n_classes, [None] * n_classes, [None] * n_classes
+        self.h_learned = [None] * n_classes
+        self.delta_prev = [None] * n_classes
+        self.theta0 = []  # taken at on_train_start, on the training device (or restored from a checkpoint)
+        self.graph, self.graph_weight = None, None
+        self.last_refresh = []
+        self._work = {}
+        self._reset_caches()
+
+    def _reset_caches(self: SpectralGraphCallback) -> None:
+        """The derived per-class values (recomputed from the state when needed)."""
+        n_classes = len(self.layout.shape_classes)
+        self._vectors_version = [0] * n_classes
+        self._c_delta_prev = [None] * n_classes
+        self._c_theta0 = [None] * n_classes
+        self._grad_coef, self._rate_coef = [None] * n_classes, [None] * n_classes
+        self._laplacians = [None] * n_classes
+
     def _param_device(self: SpectralGraphCallback) -> torch.device:
         return self.layers[0].lora_A.device
 
