@@ -44,7 +44,7 @@ from speclora.methods.base import Method
 from speclora.methods.mtlora_layers import (
     BlockWithLoRA,
     LinearWithLoRA,
-    TaskLoRA,
+    SpectralTaskLoRA,
     block_sites,
     low_rank_svd,
     replace_module,
@@ -52,7 +52,7 @@ from speclora.methods.mtlora_layers import (
     spectral_weights,
     task_lora_sites,
 )
-from speclora.model.lora import AdapterRouter, LoRASlot, matches_target
+from speclora.model.lora import AdapterRouter, LoRASlot, MultiTaskLoRA, matches_target
 from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MTLoRA",
-    "TaskLoRA",
+    "SpectralTaskLoRA",
     "apply_block_adapter",
     "low_rank_svd",
     "spectral_orthogonality",
@@ -145,7 +145,7 @@ class MTLoRA(Method):
             )
 
     def build(self, module: SpecLoRAModule) -> None:
-        """Wrap the block output modules (or target linears) of ``module.encoder`` with :class:`TaskLoRA`."""
+        """Wrap the block output modules (or target linears) of ``module.encoder`` with :class:`SpectralTaskLoRA`."""
         cfg, T = module.lora_cfg, len(module.specs)
         encoder = module.encoder
         if self.block_level:
@@ -185,12 +185,12 @@ class MTLoRA(Method):
         for name, layer, kind, d_in, d_out in dims:
             init_A = torch.empty(cfg.r, d_in)  # (r, d_in): one draw per site, shared by all tasks (DESIGN.md)
             nn.init.kaiming_uniform_(init_A, a=math.sqrt(5), generator=generator)
-            delta = TaskLoRA(
+            delta = SpectralTaskLoRA(
                 d_in,
                 d_out,
                 T,
                 cfg.r,
-                cfg.alpha / cfg.r,
+                cfg.alpha,
                 cfg.dropout,
                 router,
                 init_A,
@@ -331,7 +331,8 @@ def apply_block_adapter(encoder: nn.Module, folder: str | Path) -> nn.Module:
                 f"{folder / CONFIG_NAME}: site {name!r} is not a module of {type(encoder).__name__}"
             )
         A, B = weights[f"{name}.lora_A"], weights[f"{name}.lora_B"]  # (R, d_in), (d_out, R)
-        delta = TaskLoRA(A.shape[1], B.shape[0], 1, A.shape[0], 1.0, 0.0, None, A)
+        R = A.shape[0]
+        delta = MultiTaskLoRA(A.shape[1], B.shape[0], 1, R, float(R), 0.0, AdapterRouter(1), A)  # alpha/r = 1
         with torch.no_grad():
             delta.lora_B[0].copy_(B)
         replace_module(encoder, name, BlockWithLoRA(modules[name], delta))

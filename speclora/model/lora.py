@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from speclora.checks import is_int_in
+from speclora.model.router import AdapterRouter
 from speclora.model.targets import (
     ATTENTION_PRESET,
     DEFAULT_TARGETS,
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_TARGETS",
     "AdapterRouter",
     "LoRASlot",
+    "MultiTaskLoRA",
     "MultiTaskLoRALinear",
     "inject_lora",
     "lora_modules",
@@ -53,117 +55,24 @@ __all__ = [
     "stacked_lora_params",
 ]
 
-class AdapterRouter:
-    """Holds the per-row state of the current batch, shared by every LoRA layer of a model.
+class MultiTaskLoRA(nn.Module):
+    """T stacked LoRA adapters without a base layer: the update Δ(x), one adapter picked per batch row.
 
-    ``index: (N,)`` long, row n -> adapter a(n); ``None`` when unset. Layers with a single adapter ignore it.
-    ``scales: (S, N, r)``, the rank-wise scale of row n in layer slot k (``None``: no scaling).
-    ``weights``: per slot k, generated ``(A: (T, r, d_in), B: (T, d_out, r))`` that replace the layer's own
-    parameters (``None``: the layers use their ``lora_A`` / ``lora_B``).
-    ``num_slots``: S, the number of LoRA layers sharing this router (set by :func:`inject_lora`).
-    """
-
-    def __init__(self, num_adapters: int | None = None, num_slots: int | None = None) -> None:
-        self.num_adapters = num_adapters
-        self.num_slots = num_slots
-        self.index: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None
-        self.weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def set(self, index: torch.Tensor | None, known_ids: Sequence[int] | None = None) -> None:
-        """Route row n of the next forward through adapter ``index[n]``.
-
-        ``None`` ends a forward: it clears the index and also any scales or generated weights, so that no
-        per-batch state outlives its batch.
-
-        The ids are range-checked here, so that a bad task id fails with a message instead of as a
-        device-side assert in a gather. ``known_ids``: the distinct values of ``index`` as the host already
-        knows them (the collator's ``present_tasks``); they are checked instead of the tensor, so the
-        training step reads nothing back from the device. Without them the check reads ``index.min()/max()``
-        (one device sync per forward, not per layer).
-        """
-        if index is None:
-            self.index = None
-            self.scales = None
-            self.weights = None
-            return
-        if not isinstance(index, torch.Tensor) or index.dim() != 1:
-            shape = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
-            raise ValueError(f"router index: expected a 1-D tensor (N,) of adapter ids, got {shape}")
-        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-            raise ValueError(f"router index: expected an integer tensor, got dtype {index.dtype}")
-        if self.num_adapters is not None and index.numel() > 0:
-            if known_ids is not None and len(known_ids) > 0:
-                lo, hi = min(known_ids), max(known_ids)  # host values: no device read
-            else:
-                lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= self.num_adapters:
-                raise ValueError(
-                    f"router index: adapter ids must lie in [0, {self.num_adapters - 1}], got range [{lo}, {hi}]"
-                )
-        self.index = index.long()
-
-    def set_scales(self, scales: torch.Tensor | None) -> None:
-        """Scale rank component i of row n in layer slot k by ``scales[k, n, i]`` in the next forward.
-
-        scales: (S, N, r) floating, S = ``num_slots``; ``None`` removes the scaling.
-        """
-        if scales is None:
-            self.scales = None
-            return
-        if not isinstance(scales, torch.Tensor) or scales.dim() != 3 or not scales.dtype.is_floating_point:
-            got = (
-                (tuple(scales.shape), scales.dtype)
-                if isinstance(scales, torch.Tensor)
-                else type(scales).__name__
-            )
-            raise ValueError(f"router scales: expected a floating tensor (S, N, r), got {got}")
-        if self.num_slots is not None and scales.shape[0] != self.num_slots:
-            raise ValueError(
-                f"router scales: expected one entry per LoRA slot, S = {self.num_slots}, got {scales.shape[0]}"
-            )
-        if self.index is not None and scales.shape[1] != self.index.shape[0]:
-            raise ValueError(
-                f"router scales: {scales.shape[1]} rows but the routing index has {self.index.shape[0]}"
-            )
-        self.scales = scales
-
-    def set_weights(self, weights: Sequence[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
-        """Run the next forward with generated adapters: ``weights[k] = (A: (T, r, d_in), B: (T, d_out, r))``
-        for layer slot k, in slot order. Each layer checks its own shapes; ``None`` returns to the parameters."""
-        if weights is None:
-            self.weights = None
-            return
-        weights = list(weights)
-        if self.num_slots is not None and len(weights) != self.num_slots:
-            raise ValueError(
-                f"router weights: expected one (A, B) pair per LoRA slot, S = {self.num_slots}, got {len(weights)}"
-            )
-        self.weights = weights
-
-    def __repr__(self) -> str:
-        shape = None if self.index is None else tuple(self.index.shape)
-        scales = None if self.scales is None else tuple(self.scales.shape)
-        generated = self.weights is not None
-        return (
-            f"AdapterRouter(num_adapters={self.num_adapters}, num_slots={self.num_slots}, index={shape}, "
-            f"scales={scales}, generated_weights={generated})"
-        )
-
-
-class MultiTaskLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus T stacked LoRA adapters, one picked per batch row by the router.
-
-    y = W x + b + (alpha/r) * B_{a(n)} diag(s_n) A_{a(n)} dropout(x),   a(n) = router.index[n]
+    Δ(x_n) = (alpha/r) * B_{a(n)} diag(s_n) A_{a(n)} dropout(x_n),   a(n) = router.index[n]
 
     with s_n = router.scales[slot, n] when the router carries scales, else 1; and A, B the router's
     generated ``weights[slot]`` when it carries them, else this layer's ``lora_A`` / ``lora_B``.
+    With ``routing`` (mtLoRA's fine-grained routing, speclora.methods.mtlora) row n of task t mixes all
+    T adapters per output dimension, w: (T, T, d_out / g) learned, identity at start:
 
-    Shapes: x: (N, L, d_in) or (N, d_in) -> y: (N, L, d_out) or (N, d_out);
-    lora_A: (T, r, d_in), lora_B: (T, d_out, r); W = base.weight: (d_out, d_in), frozen.
+        Δ(x_n) = (alpha/r) * Σ_k w_{t,k} ⊙ (B_k A_k dropout(x_n)) = (alpha/r) * B̃_t Â dropout(x_n),
+        Â = [A_1; ...; A_T]: (T r, d_in),   B̃_t = [diag(w_{t,1}) B_1, ..., diag(w_{t,T}) B_T]: (d_out, T r)
+
+    Shapes: x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out);
+    lora_A: (T, r, d_in), lora_B: (T, d_out, r), routing: (T, T, d_out / g).
 
     Args:
-        base: the linear layer to wrap; its parameters are frozen here.
+        d_in, d_out: the input and output widths.
         num_adapters: T, the number of adapters (one per task, or 1 for a shared LoRA).
         r: the LoRA rank.
         alpha: the LoRA scale numerator; the update is scaled by ``alpha / r``.
@@ -172,11 +81,14 @@ class MultiTaskLoRALinear(nn.Module):
         init_A: (r, d_in), copied into every adapter; ``None`` draws one kaiming-uniform A from the global RNG.
         slot: this layer's position k among the router's layers (the entry it reads of ``router.scales``
             and ``router.weights``); ``None`` for a layer that takes neither.
+        routing: learn the mixing weights w (``model.method.init_args.routing`` of MTLoRA).
+        group_size: g, consecutive output dimensions sharing one routing weight.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        d_in: int,
+        d_out: int,
         num_adapters: int,
         r: int,
         alpha: float,
@@ -184,41 +96,65 @@ class MultiTaskLoRALinear(nn.Module):
         router: AdapterRouter,
         init_A: torch.Tensor | None = None,
         slot: int | None = None,
+        routing: bool = False,
+        group_size: int = 1,
     ) -> None:
         super().__init__()
+        self._init_adapters(d_in, d_out, num_adapters, r, alpha, dropout, router, init_A, slot, None)
+        if d_out % group_size:
+            raise ValueError(
+                f"model.method.init_args.routing_group_size={group_size} does not divide the output width "
+                f"{d_out}"
+            )
+        self.group_size = group_size
+        if routing:
+            eye = torch.eye(num_adapters, dtype=self.lora_A.dtype, device=self.lora_A.device)  # (T, T)
+            self.routing = nn.Parameter(eye.unsqueeze(-1).repeat(1, 1, d_out // group_size))  # (T, T, G)
+        else:
+            self.register_parameter("routing", None)
+
+    def _init_adapters(
+        self,
+        d_in: int,
+        d_out: int,
+        num_adapters: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        router: AdapterRouter,
+        init_A: torch.Tensor | None,
+        slot: int | None,
+        like: torch.Tensor | None,
+    ) -> None:
+        """Register A (T, r, d_in) and B (T, d_out, r), on ``like``'s device and dtype when given."""
         _check_hparams(num_adapters=num_adapters, r=r, alpha=alpha, dropout=dropout)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
-        self.base = base
-        self.base.requires_grad_(False)
+        self.d_in, self.d_out = d_in, d_out
         self.num_adapters = num_adapters
         self.r = r
         self.alpha = float(alpha)
         self.router = router
         self.slot = slot
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-        d_out, d_in = base.weight.shape
-        weight = base.weight
         if init_A is None:
             init_A = torch.empty(r, d_in)  # (r, d_in)
             nn.init.kaiming_uniform_(init_A, a=math.sqrt(5))
         elif tuple(init_A.shape) != (r, d_in):
             raise ValueError(f"init_A: expected shape (r, d_in) = {(r, d_in)}, got {tuple(init_A.shape)}")
-        init_A = init_A.to(device=weight.device, dtype=weight.dtype)
-        # every task starts from the same A (DESIGN.md), B = 0 so that the wrapped layer starts as W x + b
+        if like is not None:
+            init_A = init_A.to(device=like.device, dtype=like.dtype)
+        # every task starts from the same A (DESIGN.md), B = 0 so that the layer starts with Δ = 0
         self.lora_A = nn.Parameter(init_A.unsqueeze(0).repeat(num_adapters, 1, 1))  # (T, r, d_in)
         self.lora_B = nn.Parameter(
-            torch.zeros(num_adapters, d_out, r, device=weight.device, dtype=weight.dtype)
+            torch.zeros(num_adapters, d_out, r, device=init_A.device, dtype=init_A.dtype)
         )  # (T, d_out, r)
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.d_in
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.d_out
 
     @property
     def scaling(self) -> float:
@@ -228,8 +164,8 @@ class MultiTaskLoRALinear(nn.Module):
     def _slot_entry(self, kind: str) -> int:
         if self.slot is None:
             raise RuntimeError(
-                f"MultiTaskLoRALinear without a slot: the router carries {kind}, but this layer does not know "
-                "its entry; build the layers with inject_lora (or pass slot=)"
+                f"{type(self).__name__} without a slot: the router carries {kind}, but this layer does not "
+                "know its entry; build the layers with inject_lora (or pass slot=)"
             )
         return self.slot
 
@@ -259,9 +195,14 @@ class MultiTaskLoRALinear(nn.Module):
             )
         return s
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out)."""
-        y = self.base(x)  # (N, [L,] d_out) = W x + b
+    def mixed_B(self, lora_B: torch.Tensor) -> torch.Tensor:
+        """(T, d_out, T r) = B̃_t for every task t (routing on); lora_B: (T, d_out, r)."""
+        w = self.routing.repeat_interleave(self.group_size, dim=-1).to(lora_B.dtype)  # (T, T, d_out)
+        mixed = w.unsqueeze(-1) * lora_B.unsqueeze(0)  # (T, T, d_out, r) = diag(w_{t,k}) B_k
+        return mixed.permute(0, 2, 1, 3).reshape(w.shape[0], self.d_out, -1)  # (T, d_out, T r)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, [L,] d_in) -> Δ(x): (N, [L,] d_out), in x's dtype (the one gather + bmm kernel)."""
         lora_A, lora_B = self.adapters()  # (T, r, d_in), (T, d_out, r)
         if x.is_floating_point() and lora_A.dtype != x.dtype:
             # a low-precision frozen encoder (bf16) keeps fp32 adapters: the small A, B are cast to the
@@ -269,20 +210,21 @@ class MultiTaskLoRALinear(nn.Module):
             lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         h = self.dropout(x)  # (N, [L,] d_in)
         n = x.shape[0]
+        out_shape = (*x.shape[:-1], self.d_out)
         scales = self.row_scales(n)  # (N, r) or None
-        if self.num_adapters == 1:
+        if self.num_adapters == 1 and self.routing is None:
             # one adapter for every row: plain matmuls, no gather
             z = h @ lora_A[0].transpose(0, 1)  # (N, [L,] r) = A x
             if scales is not None:
                 s_n = scales.reshape(n, *([1] * (z.dim() - 2)), self.r)  # (N, [1,] r)
                 z = z * s_n.to(z.dtype)  # (N, [L,] r) = diag(s_n) A x
             z = z @ lora_B[0].transpose(0, 1)  # (N, [L,] d_out) = B diag(s_n) A x
-            return y + (self.scaling * z).to(y.dtype)
+            return (self.scaling * z).to(x.dtype)
 
         index = self.router.index
         if index is None:
             raise RuntimeError(
-                f"MultiTaskLoRALinear with {self.num_adapters} adapters: the router's index is unset; "
+                f"{type(self).__name__} with {self.num_adapters} adapters: the router's index is unset; "
                 "call router.set(adapter_index) before the forward"
             )
         if index.shape[0] != n:
@@ -290,28 +232,82 @@ class MultiTaskLoRALinear(nn.Module):
                 f"router index has {index.shape[0]} rows but the input has {n} (x: {tuple(x.shape)})"
             )
         index = index.to(x.device)
-        A = lora_A[index]  # (N, r, d_in) = A_{a(n)}
-        B = lora_B[index]  # (N, d_out, r) = B_{a(n)}
         h = h.reshape(n, -1, self.in_features)  # (N, L, d_in); L = 1 for a 2-D input
-        z = torch.bmm(h, A.transpose(1, 2))  # (N, L, r) = A_{a(n)} x
-        if scales is not None:
-            z = z * scales.unsqueeze(1).to(z.dtype)  # (N, L, r) = diag(s_n) A_{a(n)} x
-        z = torch.bmm(z, B.transpose(1, 2))  # (N, L, d_out) = B_{a(n)} diag(s_n) A_{a(n)} x
-        z = z.reshape(y.shape)  # (N, [L,] d_out)
-        return y + (self.scaling * z).to(y.dtype)
+        if self.routing is None:
+            z = torch.bmm(h, lora_A[index].transpose(1, 2))  # (N, L, r) = A_{a(n)} x
+            if scales is not None:
+                z = z * scales.unsqueeze(1).to(z.dtype)  # (N, L, r) = diag(s_n) A_{a(n)} x
+            z = torch.bmm(z, lora_B[index].transpose(1, 2))  # (N, L, d_out) = B_{a(n)} diag(s_n) A_{a(n)} x
+        else:
+            if scales is not None:
+                raise ValueError("router scales: a routed MultiTaskLoRA takes no rank-wise scales")
+            z = h @ lora_A.reshape(-1, self.in_features).transpose(0, 1)  # (N, L, T r) = Â x
+            z = torch.bmm(z, self.mixed_B(lora_B)[index].transpose(1, 2))  # (N, L, d_out) = B̃_t Â x
+        return (self.scaling * z).reshape(out_shape).to(x.dtype)  # (N, [L,] d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, d_in) or (N, d_in) -> Δ(x): (N, L, d_out) or (N, d_out)."""
+        return self.delta(x)
+
+    def effective(self, adapter: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter ``adapter`` as one LoRA with alpha/r folded in: A: (R, d_in), B: (d_out, R), Δ(x) = B A x;
+        R = r, or T r with routing."""
+        if not 0 <= adapter < self.num_adapters:
+            raise ValueError(f"adapter: expected an index in [0, {self.num_adapters - 1}], got {adapter}")
+        if self.routing is None:
+            return self.lora_A[adapter], self.scaling * self.lora_B[adapter]
+        return self.lora_A.reshape(-1, self.d_in), self.scaling * self.mixed_B(self.lora_B)[adapter]
 
     def delta_weight(self, adapter: int) -> torch.Tensor:
         """(d_out, d_in) = (alpha/r) * B[adapter] @ A[adapter], the update merged into W for that adapter."""
-        if not 0 <= adapter < self.num_adapters:
-            raise ValueError(f"adapter: expected an index in [0, {self.num_adapters - 1}], got {adapter}")
-        # (d_out, r) @ (r, d_in) -> (d_out, d_in)
-        return self.scaling * (self.lora_B[adapter] @ self.lora_A[adapter])
+        A, B = self.effective(adapter)  # (R, d_in), (d_out, R)
+        if self.routing is None:
+            return self.scaling * (self.lora_B[adapter] @ A)  # (d_out, r) @ (r, d_in) -> (d_out, d_in)
+        return B @ A  # (d_out, T r) @ (T r, d_in) -> (d_out, d_in), alpha/r already in B
 
     def extra_repr(self) -> str:
+        routing = "" if self.routing is None else f", routing_group_size={self.group_size}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"num_adapters={self.num_adapters}, r={self.r}, alpha={self.alpha}"
+            f"num_adapters={self.num_adapters}, r={self.r}, alpha={self.alpha}{routing}"
         )
+
+
+class MultiTaskLoRALinear(MultiTaskLoRA):
+    """A frozen ``nn.Linear`` plus T stacked LoRA adapters (:class:`MultiTaskLoRA`), one picked per row.
+
+    y = W x + b + Δ(x),   W = base.weight: (d_out, d_in), frozen; Δ of :class:`MultiTaskLoRA` (no routing).
+
+    Args:
+        base: the linear layer to wrap; its parameters are frozen here. The adapters take its device and
+            dtype. The other arguments are :class:`MultiTaskLoRA`'s.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        num_adapters: int,
+        r: int,
+        alpha: float,
+        dropout: float,
+        router: AdapterRouter,
+        init_A: torch.Tensor | None = None,
+        slot: int | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # the adapters take the base's device and dtype (_init_adapters' `like`)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base: expected an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.base.requires_grad_(False)
+        d_out, d_in = base.weight.shape
+        self._init_adapters(d_in, d_out, num_adapters, r, alpha, dropout, router, init_A, slot, base.weight)
+        self.group_size = 1
+        self.register_parameter("routing", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, d_in) or (N, d_in) -> (N, L, d_out) or (N, d_out)."""
+        y = self.base(x)  # (N, [L,] d_out) = W x + b
+        return y + self.delta(x).to(y.dtype)
 
 
 @dataclass(frozen=True)

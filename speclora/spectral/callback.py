@@ -35,28 +35,27 @@ resumes). The spectral math runs in IEEE float32 whatever the training precision
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch_geometric.data import Data
 
-from speclora.model.lora import MultiTaskLoRALinear, lora_modules
+from speclora.model.lora import lora_modules
 from speclora.spectral.callback_logs import log_step
 from speclora.spectral.callback_refresh import RefreshMixin
+from speclora.spectral.callback_settings import check_settings
 from speclora.spectral.callback_state import StateMixin
 from speclora.spectral.correlation import EdgeCorrelation
 from speclora.spectral.devices import float32_math
-from speclora.spectral.eigen import SOLVERS
 from speclora.spectral.filters import (
     TABLE3_COEFFICIENTS,
     TABLE3_EDGES,
     band_energy,
-    band_response,
+    filter_gradient_,
+    filter_update_,
     hypergradient_step,
 )
 from speclora.spectral.graph import (
@@ -67,12 +66,10 @@ from speclora.spectral.graph import (
     graph_statistics,
 )
 from speclora.spectral.regularizer import dirichlet_energy_of, high_pass_energy_projected
-from speclora.spectral.response import REST_RULES, ClassFilter, ResponseSettings
+from speclora.spectral.response import ResponseSettings, update_response
 
 log = logging.getLogger(__name__)
 
-EDGE_WEIGHTINGS = ("correlation", "magnitude", "gradient_magnitude", "fixed")
-CARRY_RULES = ("overlap", "index")
 
 
 class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
@@ -148,43 +145,14 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        checks = [
-            ("k", k, k >= 1, "an integer >= 1"),
-            ("refresh_every", refresh_every, refresh_every >= 1, "an integer >= 1"),
-            ("ema_decay", ema_decay, 0.0 <= ema_decay < 1.0, "0 <= ema_decay < 1"),
-            ("alpha", alpha, math.isfinite(alpha) and alpha >= 0, "a finite number >= 0"),
-            ("epsilon", epsilon, 0.0 <= epsilon <= 1.0, "0 <= epsilon <= 1"),
-            ("beta", beta, math.isfinite(beta) and beta >= 0, "a finite number >= 0"),
-            ("sigma", sigma, math.isfinite(sigma) and sigma > 0, "a finite number > 0"),
-            ("gamma", gamma, 0.0 <= gamma <= 1.0, "0 <= gamma <= 1 (the paper uses 0.01-0.05)"),
-            ("hyper_lr", hyper_lr, hyper_lr >= 0, "a number >= 0"),
-            ("log_every", log_every, log_every >= 1, "an integer >= 1"),
-            ("heatmap_every", heatmap_every, heatmap_every >= 0, "an integer >= 0"),
-            ("sparsify_topk", sparsify_topk, sparsify_topk is None or sparsify_topk >= 1,
-             "an integer >= 1, or null for no sparsification"),
-        ]
-        for key, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"SpectralGraphCallback {key}={value}; allowed: {allowed}")
-        if dense_threshold is not None and not dense_threshold >= 0:
-            raise ValueError(f"SpectralGraphCallback dense_threshold={dense_threshold}; allowed: an integer >= 0, "
-                             "or null for the training device's crossover")
-        for key, value, allowed in (("edge_weighting", edge_weighting, EDGE_WEIGHTINGS),
-                                    ("solver", solver, SOLVERS),
-                                    ("normalization", normalization, ("sym", "none")),
-                                    ("rest_response", rest_response, REST_RULES),
-                                    ("carry_coefficients", carry_coefficients, CARRY_RULES),
-                                    ("regularizer", regularizer, ("highpass", "dirichlet", "none"))):
-            if value not in allowed:
-                raise ValueError(f"SpectralGraphCallback {key}={value!r}; allowed: {', '.join(allowed)}")
-        unknown = [e for e in edge_kinds if e not in EDGE_KINDS]
-        if unknown or not edge_kinds:
-            raise ValueError(f"SpectralGraphCallback edge_kinds={list(edge_kinds)}; allowed: a non-empty "
-                             f"subset of {list(EDGE_KINDS)}")
-        if not 0 < hyper_clip[0] <= hyper_clip[1]:
-            raise ValueError(f"SpectralGraphCallback hyper_clip={hyper_clip}; allowed: (low, high), 0 < low <= high")
-        if band_filter:
-            band_response(torch.zeros(1), band_coefficients, band_edges)  # validates the table
+        check_settings(
+            k=k, refresh_every=refresh_every, ema_decay=ema_decay, alpha=alpha, edge_weighting=edge_weighting,
+            edge_kinds=edge_kinds, sparsify_topk=sparsify_topk, normalization=normalization, epsilon=epsilon,
+            band_filter=band_filter, band_coefficients=band_coefficients, band_edges=band_edges,
+            rest_response=rest_response, beta=beta, sigma=sigma, carry_coefficients=carry_coefficients,
+            hyper_lr=hyper_lr, hyper_clip=hyper_clip, regularizer=regularizer, gamma=gamma, solver=solver,
+            dense_threshold=dense_threshold, log_every=log_every, heatmap_every=heatmap_every,
+        )
         self.k, self.refresh_every, self.ema_decay, self.alpha = k, refresh_every, ema_decay, alpha
         self.edge_weighting, self.edge_kinds, self.sparsify_topk = edge_weighting, tuple(edge_kinds), sparsify_topk
         self.normalization = None if normalization == "none" else normalization
@@ -200,47 +168,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self.log_every, self.heatmap_every, self.seed = log_every, heatmap_every, seed
         self.responses = ResponseSettings(coordination, epsilon, band_filter, self.band_coefficients,
                                           self.band_edges, eigen_lr, beta, sigma, rest_response)
-        # built in setup (on the CPU), moved to the parameters' device from on_train_start on
-        self.layers: list[MultiTaskLoRALinear] = []
-        self.layout: GraphLayout | None = None
-        self.edge_index: Tensor | None = None
-        self.edge_type: Tensor | None = None
-        self.corr: EdgeCorrelation | None = None
-        self.class_k: list[int] = []
-        self._class_edges_index: list[Tensor] = []  # per class: its edges relabelled to its rows (2, E_c)
-        self._class_edges_ids: list[Tensor] = []  # per class: their positions in edge_index (E_c,)
-        self._device = torch.device("cpu")  # where the state lives now
-        self.last_refresh: list[dict[str, Any]] = []  # per class: method, iterations, residual, seconds, basis
-        # state (state_dict): the training graph's weights, eigenpairs and responses, learned coefficients,
-        # anchors, counters
-        self.graph: Data | None = None  # the training graph of the last refresh (edge_index, edge_weight, ...)
-        self.graph_weight: Tensor | None = None  # (E,) its weights on every candidate edge, 0 where dropped
-        self.values: list[Tensor | None] = []  # per class: the low band λ_1..λ_k (k,)
-        self.vectors: list[Tensor | None] = []  # per class: U_k (n_c, k)
-        self.filters: list[ClassFilter | None] = []  # per class: the basis and its responses
-        self.h_learned: list[Tensor | None] = []
-        self.theta0: list[Tensor] = []
-        self.delta_prev: list[Tensor | None] = []
-        self._counts = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "solver_failed": 0}
-        # derived (not checkpointed: recomputed from the state): Uᵀ Δ_{t−1} and Uᵀ Θ_0 per class, each with the
-        # eigenvector version it was computed with; per-refresh coefficients; the Laplacians of the graph
-        self._vectors_version: list[int] = []
-        self._c_delta_prev: list[tuple[int, Tensor] | None] = []
-        self._c_theta0: list[tuple[int, Tensor] | None] = []
-        self._grad_coef: list[Tensor | None] = []
-        self._rate_coef: list[Tensor | None] = []
-        self._laplacians: list[Tensor | None] = []
-        self._work: dict[str, list[Tensor]] = {}
-        self._pending_state: dict[str, Any] | None = None
-        self._theta_before: list[Tensor] | None = None
-        self._finite: Tensor | None = None  # () bool: this step's LoRA gradients were finite
-        self._step_of_snapshot = -1
-        self._reg_sum: Tensor | None = None  # Σ of the regulariser's values since the last log (device)
-        self._reg_steps = 0
-        self._skipped_reported = 0
-        self._time_spent = 0.0
-        self._batch_start = 0.0
-        self._time_total = 0.0
+        self._init_state()  # built in setup (on the CPU), moved to the parameters' device from on_train_start
 
     @property
     def counters(self) -> dict[str, int]:
@@ -269,24 +197,15 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self._device = edge_index.device
         self.corr = EdgeCorrelation(edge_index, self.layout.num_nodes, self.ema_decay,
                                     node_class=self.layout.node_class)
-        positions = torch.arange(edge_index.size(1))  # (E,)
-        self._class_edges_index, self._class_edges_ids = [], []
-        for c in range(len(self.layout.shape_classes)):
-            ei, ids = class_subgraph(self.layout, edge_index, positions, c)  # (2, E_c), (E_c,)
-            self._class_edges_index.append(ei)
-            self._class_edges_ids.append(ids)
+        positions = torch.arange(edge_index.size(1))  # (E,): each class's edges and their positions in edge_index
+        per_class = [class_subgraph(self.layout, edge_index, positions, c)
+                     for c in range(len(self.layout.shape_classes))]  # [((2, E_c), (E_c,))]
+        self._class_edges_index = [ei for ei, _ in per_class]
+        self._class_edges_ids = [ids for _, ids in per_class]
         self.class_k = [min(self.k, ids.numel()) for _, ids in self.layout.shape_classes]
         # the device the strategy will train on (cuda:N under DDP): its crossover decides dense vs LOBPCG
         self._check_solver(getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device)
-        n_classes = len(self.layout.shape_classes)
-        self.values, self.vectors, self.filters = [None] * n_classes, [None] * n_classes, [None] * n_classes
-        self.h_learned = [None] * n_classes
-        self.delta_prev = [None] * n_classes
-        self.theta0 = []  # taken at on_train_start, on the training device (or restored from a checkpoint)
-        self.graph, self.graph_weight = None, None
-        self.last_refresh = []
-        self._work = {}
-        self._reset_caches()
+        self._reset_class_state()
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -295,14 +214,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
 
-    def _reset_caches(self) -> None:
-        n_classes = len(self.layout.shape_classes)
-        self._vectors_version = [0] * n_classes
-        self._c_delta_prev = [None] * n_classes
-        self._c_theta0 = [None] * n_classes
-        self._grad_coef, self._rate_coef = [None] * n_classes, [None] * n_classes
-        self._laplacians = [None] * n_classes
-
     # ------------------------------------------------------------------ responses (for the logs)
     def gradient_response(self, c: int) -> tuple[Tensor, float]:
         """h_g (m,) on class c's basis and h_g,rest on its complement: coordination × band filter."""
@@ -310,15 +221,9 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         return filt.grad, filt.grad_rest
 
     def update_response(self, c: int) -> Tensor | None:
-        """h_u (m,) on class c's basis (h_u,rest on its complement: ``filters[c].rate_rest``): per-eigencomponent
-        rates × learned coefficients (on the low band); None when neither is on."""
-        if not (self.eigen_lr or self.learned):
-            return None
-        filt = self.filters[c]
-        h = filt.rate.clone() if self.eigen_lr else torch.ones_like(filt.rate)  # (m,)
-        if self.learned and self.h_learned[c] is not None:
-            h[: filt.k] *= self.h_learned[c]
-        return h
+        """h_u (m,) on class c's basis (h_u,rest on its complement: ``filters[c].rate_rest``); None when neither
+        per-eigencomponent rates nor learned coefficients are on (``response.update_response``)."""
+        return update_response(self.filters[c], self.h_learned[c], self.eigen_lr, self.learned)
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -364,22 +269,21 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
                 cd = self._projected(self._c_delta_prev, c, self.delta_prev[c])  # (k, p_c)
                 h = hypergradient_step(self.h_learned[c], cg[: filt.k], cd, self.hyper_lr, self.hyper_clip)
                 self.h_learned[c] = torch.where(finite, h, self.h_learned[c])  # (k,)
-            # G' = h_rest G + U diag(h − h_rest) Uᵀ G
-            low = self._grad_coef[c] * cg  # (m_g, p_c)
-            # g is this step's own stacked copy: updated in place from here on
-            g2 = g if filt.grad_rest == 1.0 else g.mul_(filt.grad_rest)  # (n_c, p_c)
+            # G' = h_rest G + U diag(h − h_rest) Uᵀ G + ∇γR, in place on this step's own stacked copy g
+            reg = reg_low = None
             if self.regularizer == "highpass" and self.gamma > 0:
                 # R = γ‖(I − U_k U_kᵀ) ΔΘ‖² = γ(‖ΔΘ‖² − ‖U_kᵀ ΔΘ‖²),  ∇R = 2γ ΔΘ − 2γ U_k U_kᵀ ΔΘ
                 work = self._buffers("delta")
-                delta = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c)
-                c_delta = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
-                g2 = g2.add_(delta, alpha=2 * self.gamma)
-                low[: filt.k].sub_(c_delta, alpha=2 * self.gamma)
-                reg_values.append(high_pass_energy_projected(delta, c_delta, self.gamma))
+                reg = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c) ΔΘ
+                reg_low = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
+                reg_values.append(high_pass_energy_projected(reg, reg_low, self.gamma))
             elif self.regularizer == "dirichlet" and self.gamma > 0:
-                g2, value = self._dirichlet(c, g2, theta[c] - self.theta0[c])
-                reg_values.append(value)
-            filtered.append(g2.addmm_(U, low))  # (n_c, p_c): + U diag(h − h_rest) Uᵀ G − 2γ U_k U_kᵀ ΔΘ
+                # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
+                delta = theta[c] - self.theta0[c]  # (n_c, p_c)
+                reg = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c) L ΔΘ
+                reg_values.append(dirichlet_energy_of(delta, reg, self.gamma))
+            coef = self._grad_coef[c]  # (m_g, 1) h_g − h_g,rest
+            filtered.append(filter_gradient_(g, U, cg, coef, filt.grad_rest, self.gamma, reg, reg_low))
         self._write(filtered, grad=True)
         if reg_values:
             total = torch.stack(reg_values).sum()  # ()
@@ -390,11 +294,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
             self._step_of_snapshot, self._finite = step, finite
         if energies is not None:
             log_step(self, trainer, pl_module, energies)
-
-    def _dirichlet(self, c: int, g: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
-        # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
-        ld = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c)
-        return g.add_(ld, alpha=2 * self.gamma), dirichlet_energy_of(delta, ld, self.gamma)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
@@ -418,15 +317,11 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         for c, (b, a) in enumerate(zip(before, after)):
             filt, coef = self.filters[c], self._rate_coef[c]  # (m_u,) h_u − h_u,rest
             delta = torch.sub(a, b, out=work[c] if work else None)  # (n_c, p_c): the optimizer's update
-            U = filt.basis[:, : coef.numel()]  # (n_c, m_u)
-            c_delta = U.T @ delta  # (m_u, p_c)
             if self.learned:
                 # h_u − h_u,rest on the low band: e(λ) × learned coefficients − h_u,rest
                 torch.mul(filt.rate[: filt.k], self.h_learned[c], out=coef[: filt.k]).sub_(filt.rate_rest)
-            # Θ_before + h_u,rest Δ + U diag(h_u − h_u,rest) Uᵀ Δ = Θ_after + (h_u,rest − 1) Δ + U diag(coef) Uᵀ Δ
-            if filt.rate_rest != 1.0:
-                a = a.add_(delta, alpha=filt.rate_rest - 1.0)
-            out.append(a.addmm_(U, coef.unsqueeze(1) * c_delta))
+            a, c_delta = filter_update_(a, delta, filt.basis[:, : coef.numel()], coef, filt.rate_rest)
+            out.append(a)  # (n_c, p_c); c_delta = Uᵀ Δ (m_u, p_c)
             if self.learned:
                 # Δ_{t} and U_kᵀ Δ_{t} for the next hypergradient, only where this step's gradients were finite
                 prev = self.delta_prev[c]

@@ -17,7 +17,12 @@ from speclora.spectral.response import ClassFilter
 from speclora.spectral.signals import stack_signals, write_signals
 
 if TYPE_CHECKING:
+    from torch_geometric.data import Data
+
+    from speclora.model.lora import MultiTaskLoRALinear
     from speclora.spectral.callback import SpectralGraphCallback
+    from speclora.spectral.correlation import EdgeCorrelation
+    from speclora.spectral.graph import GraphLayout
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,70 @@ STATE_FORMAT = 2  # the callback's checkpoint layout (1: before issue 14, no fil
 
 class StateMixin:
     """Devices, work buffers and checkpoints of the callback's state; see the module's doc."""
+
+    def _init_state(self: SpectralGraphCallback) -> None:
+        """The callback's state before ``setup``: empty, on the CPU."""
+        self.layers: list[MultiTaskLoRALinear] = []
+        self.layout: GraphLayout | None = None
+        self.edge_index: Tensor | None = None
+        self.edge_type: Tensor | None = None
+        self.corr: EdgeCorrelation | None = None
+        self.class_k: list[int] = []
+        self._class_edges_index: list[Tensor] = []  # per class: its edges relabelled to its rows (2, E_c)
+        self._class_edges_ids: list[Tensor] = []  # per class: their positions in edge_index (E_c,)
+        self._device = torch.device("cpu")  # where the state lives now
+        self.last_refresh: list[dict[str, Any]] = []  # per class: method, iterations, residual, seconds, basis
+        # state (state_dict): the training graph's weights, eigenpairs and responses, learned coefficients,
+        # anchors, counters
+        self.graph: Data | None = None  # the training graph of the last refresh (edge_index, edge_weight, ...)
+        self.graph_weight: Tensor | None = None  # (E,) its weights on every candidate edge, 0 where dropped
+        self.values: list[Tensor | None] = []  # per class: the low band λ_1..λ_k (k,)
+        self.vectors: list[Tensor | None] = []  # per class: U_k (n_c, k)
+        self.filters: list[ClassFilter | None] = []  # per class: the basis and its responses
+        self.h_learned: list[Tensor | None] = []
+        self.theta0: list[Tensor] = []
+        self.delta_prev: list[Tensor | None] = []
+        self._counts = {"refreshes": 0, "fallbacks": 0, "kept_previous": 0, "solver_failed": 0}
+        # derived (not checkpointed: recomputed from the state): Uᵀ Δ_{t−1} and Uᵀ Θ_0 per class, each with the
+        # eigenvector version it was computed with; per-refresh coefficients; the Laplacians of the graph
+        self._vectors_version: list[int] = []
+        self._c_delta_prev: list[tuple[int, Tensor] | None] = []
+        self._c_theta0: list[tuple[int, Tensor] | None] = []
+        self._grad_coef: list[Tensor | None] = []
+        self._rate_coef: list[Tensor | None] = []
+        self._laplacians: list[Tensor | None] = []
+        self._work: dict[str, list[Tensor]] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._theta_before: list[Tensor] | None = None
+        self._finite: Tensor | None = None  # () bool: this step's LoRA gradients were finite
+        self._step_of_snapshot = -1
+        self._reg_sum: Tensor | None = None  # Σ of the regulariser's values since the last log (device)
+        self._reg_steps = 0
+        self._skipped_reported = 0
+        self._time_spent = 0.0
+        self._batch_start = 0.0
+        self._time_total = 0.0
+
+    def _reset_class_state(self: SpectralGraphCallback) -> None:
+        """Per shape class: no eigenpairs, filters, learned coefficients or update memory yet (set-up)."""
+        n_classes = len(self.layout.shape_classes)
+        self.values, self.vectors, self.filters = [None] * n_classes, [None] * n_classes, [None] * n_classes
+        self.h_learned = [None] * n_classes
+        self.delta_prev = [None] * n_classes
+        self.theta0 = []  # taken at on_train_start, on the training device (or restored from a checkpoint)
+        self.graph, self.graph_weight = None, None
+        self.last_refresh = []
+        self._work = {}
+        self._reset_caches()
+
+    def _reset_caches(self: SpectralGraphCallback) -> None:
+        """The derived per-class values (recomputed from the state when needed)."""
+        n_classes = len(self.layout.shape_classes)
+        self._vectors_version = [0] * n_classes
+        self._c_delta_prev = [None] * n_classes
+        self._c_theta0 = [None] * n_classes
+        self._grad_coef, self._rate_coef = [None] * n_classes, [None] * n_classes
+        self._laplacians = [None] * n_classes
 
     def _param_device(self: SpectralGraphCallback) -> torch.device:
         return self.layers[0].lora_A.device

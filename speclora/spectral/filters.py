@@ -209,3 +209,39 @@ def band_energy(G: Tensor, U: Tensor, values: Tensor, edges: Sequence[float] | N
     # ‖(I − U Uᵀ) G‖²
     rest = (Gf - U @ C).pow(2).sum()  # ()
     return torch.cat([per_band, rest.view(1)])  # (B + 1,)
+
+
+# ------------------------------------------------------------------ the training step's in-place filters
+def filter_gradient_(
+    G: Tensor,
+    U: Tensor,
+    C: Tensor,
+    coef: Tensor,
+    h_rest: float,
+    gamma: float = 0.0,
+    reg: Tensor | None = None,
+    reg_low: Tensor | None = None,
+) -> Tensor:
+    """G' = h_rest G + U diag(h − h_rest) Uᵀ G + 2γ (R − U_k R_low), written into G (the training step's
+    own stacked copy) and returned. G: (n, p), U: (n, m), C = Uᵀ G: (m, p), coef = h − h_rest: (m,) or
+    (m, 1); a regulariser's gradient 2γ R (n, p), minus 2γ U_k R_low with R_low: (k, p), k ≤ m, on U's
+    first k columns (the high-pass one: R = Θ − Θ₀, R_low = U_kᵀ (Θ − Θ₀); the Dirichlet one: R = L (Θ − Θ₀),
+    no R_low). Same result as :func:`spectral_filter` plus the regulariser's gradient, in one pass.
+    """
+    low = coef.reshape(-1, 1) * C  # (m, p): diag(h − h_rest) Uᵀ G
+    out = G if h_rest == 1.0 else G.mul_(h_rest)  # (n, p): h_rest G
+    if reg is not None:
+        out = out.add_(reg, alpha=2 * gamma)  # + 2γ R
+    if reg_low is not None:
+        low[: reg_low.shape[0]].sub_(reg_low, alpha=2 * gamma)  # − 2γ R_low on the first k rows
+    return out.addmm_(U, low)  # (n, p): + U (diag(h − h_rest) Uᵀ G − 2γ R_low)
+
+
+def filter_update_(after: Tensor, delta: Tensor, U: Tensor, coef: Tensor, h_rest: float) -> tuple[Tensor, Tensor]:
+    """Θ' = Θ_before + h_rest Δ + U diag(h − h_rest) Uᵀ Δ = Θ_after + (h_rest − 1) Δ + U diag(coef) Uᵀ Δ, written
+    into ``after`` (Θ_after = Θ_before + Δ, the optimizer's result); Δ: (n, p), U: (n, m), coef = h − h_rest:
+    (m,). Returns (Θ', Uᵀ Δ: (m, p)); Δ = 0 (a skipped step) leaves Θ_after exactly."""
+    C = U.T @ delta  # (m, p) = Uᵀ Δ
+    if h_rest != 1.0:
+        after = after.add_(delta, alpha=h_rest - 1.0)  # Θ_after + (h_rest − 1) Δ
+    return after.addmm_(U, coef.unsqueeze(1) * C), C  # (n, p), (m, p)

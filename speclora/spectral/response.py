@@ -230,3 +230,15 @@ def align_signs(U_new: Tensor, U_old: Tensor) -> Tensor:
     sign = torch.sign(M.gather(1, best)).view(-1)  # (k,)
     sign = torch.where(sign == 0, torch.ones_like(sign), sign)
     return U_new * sign  # (n, k)
+
+
+def update_response(filt: ClassFilter, h_learned: Tensor | None, eigen_lr: bool, learned: bool) -> Tensor | None:
+    """h_u (m,) on a class's filter basis: the per-eigencomponent rates e(λ) (ones when ``eigen_lr`` is off)
+    times the learned coefficients on the low band (the first k entries, when ``learned`` and there are
+    some); h_u,rest on the complement is ``filt.rate_rest``. None when neither part is on."""
+    if not (eigen_lr or learned):
+        return None
+    h = filt.rate.clone() if eigen_lr else torch.ones_like(filt.rate)  # (m,)
+    if learned and h_learned is not None:
+        h[: filt.k] *= h_learned  # (k,) on the low band
+    return h

@@ -15,14 +15,13 @@ from speclora.methods.mtlora import (
     BlockWithLoRA,
     LinearWithLoRA,
     MTLoRA,
-    TaskLoRA,
     apply_block_adapter,
     low_rank_svd,
     spectral_orthogonality,
     spectral_weights,
 )
 from speclora.methods.mtlora_layers import task_lora_sites as _sites
-from speclora.model.lora import AdapterRouter
+from speclora.model.lora import AdapterRouter, MultiTaskLoRA
 from speclora.model.module import LoRAConfig, SpecLoRAModule
 from tests.cli_args import fit_args
 
@@ -124,8 +123,8 @@ def test_identity_routing_equals_independent_per_task_lora():
     g = torch.Generator().manual_seed(0)
     router = AdapterRouter(3)
     init_A = torch.randn(4, 8, generator=g)
-    routed = TaskLoRA(8, 6, 3, 4, 2.0, 0.0, router, init_A, routing=True)
-    plain = TaskLoRA(8, 6, 3, 4, 2.0, 0.0, router, init_A, routing=False)
+    routed = MultiTaskLoRA(8, 6, 3, 4, 8.0, 0.0, router, init_A, routing=True)  # alpha/r = 2
+    plain = MultiTaskLoRA(8, 6, 3, 4, 8.0, 0.0, router, init_A, routing=False)
     with torch.no_grad():
         routed.lora_A.copy_(torch.randn(3, 4, 8, generator=g))
         routed.lora_B.copy_(torch.randn(3, 6, 4, generator=g))
@@ -154,10 +153,10 @@ def test_identity_routing_equals_independent_per_task_lora():
 
 def test_routing_groups_share_a_weight():
     router = AdapterRouter(2)
-    layer = TaskLoRA(4, 6, 2, 2, 1.0, 0.0, router, torch.randn(2, 4), routing=True, group_size=3)
+    layer = MultiTaskLoRA(4, 6, 2, 2, 2.0, 0.0, router, torch.randn(2, 4), routing=True, group_size=3)
     assert layer.routing.shape == (2, 2, 2)
     with pytest.raises(ValueError, match="routing_group_size=4 does not divide the output width 6"):
-        TaskLoRA(4, 6, 2, 2, 1.0, 0.0, router, torch.randn(2, 4), routing=True, group_size=4)
+        MultiTaskLoRA(4, 6, 2, 2, 2.0, 0.0, router, torch.randn(2, 4), routing=True, group_size=4)
 
 
 def test_module_with_identity_routing_matches_the_module_without(tiny_backbone):
@@ -349,3 +348,38 @@ def test_mtlora_runs_from_the_cli_on_the_default_suite(tiny_backbone, data_root,
     assert routing.shape == (10, 10, 32) and not torch.equal(routing[:, :, 0], torch.eye(10))  # it learns
     folders = cli.model.export_adapters(tmp_path / "export")
     assert len(folders) == 10 and all((f / "mtlora_block.safetensors").is_file() for f in folders)
+
+
+def test_a_checkpoint_of_the_earlier_tasklora_layout_loads_with_the_same_update(tiny_backbone):
+    """mtLoRA's sites were ``TaskLoRA`` (a second LoRA kernel) and are now the kernel of model/lora.py; a state
+    dict written in the earlier layout (these key names, these shapes) loads strictly and gives s·B_t A_t x."""
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=MTLoRA()).eval()
+    sites = _sites(module.encoder)
+    T, r, H = len(TASKS), module.lora_cfg.r, module.encoder.config.hidden_size
+    old_layout = {  # TaskLoRA's parameters and buffers, in its registration order
+        "lora_A": (T, r, H),
+        "lora_B": (T, H, r),
+        "routing": (T, T, H),
+        "svd_V": (T, H, r),
+        "svd_omega": (T, r),
+        "svd_step": (),
+    }
+    for _, delta in sites:
+        assert [(k, tuple(v.shape)) for k, v in delta.state_dict().items()] == list(old_layout.items())
+    g = torch.Generator().manual_seed(3)
+    state = module.state_dict()
+    for name, _ in sites:
+        for key, shape in old_layout.items():
+            if key == "svd_step":
+                state[f"encoder.{name}.delta.{key}"] = torch.tensor(4)
+            elif key != "routing":
+                state[f"encoder.{name}.delta.{key}"] = torch.randn(shape, generator=g)
+    module.load_state_dict(state, strict=True)
+    name, delta = sites[0]
+    x = torch.randn(2, 5, H, generator=g)
+    delta.router.set(torch.tensor([2, 0]))
+    by_hand = torch.stack([delta.scaling * x[n] @ state[f"encoder.{name}.delta.lora_A"][t].T
+                           @ state[f"encoder.{name}.delta.lora_B"][t].T for n, t in enumerate((2, 0))])
+    assert torch.allclose(delta(x), by_hand, atol=1e-5)
+    assert int(delta.svd_step) == 4
+    delta.router.set(None)

@@ -12,6 +12,7 @@ from transformers import AutoModel
 from speclora.model.lora import (
     DEFAULT_TARGETS,
     AdapterRouter,
+    MultiTaskLoRA,
     MultiTaskLoRALinear,
     inject_lora,
     lora_modules,
@@ -342,3 +343,30 @@ def test_router_checks_scales_and_weights():
     unslotted = MultiTaskLoRALinear(nn.Linear(8, 8), 3, r=2, alpha=2.0, dropout=0.0, router=router)
     with pytest.raises(RuntimeError, match="without a slot"):
         unslotted(torch.randn(3, 8))
+
+
+def test_the_linear_layer_keeps_its_parameter_order_and_keys():
+    """Optimizer states in checkpoints are stored by parameter position: A, B, then the frozen base (the order
+    of the layer before it became a subclass of MultiTaskLoRA); no routing parameter on a linear."""
+    layer = MultiTaskLoRALinear(nn.Linear(8, 4), 2, r=2, alpha=2.0, dropout=0.0, router=AdapterRouter(2))
+    assert [n for n, _ in layer.named_parameters()] == ["lora_A", "lora_B", "base.weight", "base.bias"]
+    assert list(layer.state_dict()) == ["lora_A", "lora_B", "base.weight", "base.bias"]
+
+
+def test_the_delta_layer_is_the_linear_layer_without_its_base():
+    g = torch.Generator().manual_seed(0)
+    router = AdapterRouter(3)
+    base = nn.Linear(8, 6)
+    init_A = torch.randn(2, 8, generator=g)
+    linear = MultiTaskLoRALinear(base, 3, r=2, alpha=3.0, dropout=0.0, router=router, init_A=init_A)
+    delta = MultiTaskLoRA(8, 6, 3, 2, 3.0, 0.0, router, init_A)
+    with torch.no_grad():
+        linear.lora_B.copy_(torch.randn(3, 6, 2, generator=g))
+        delta.lora_B.copy_(linear.lora_B)
+    x = torch.randn(4, 5, 8, generator=g)
+    router.set(torch.tensor([0, 2, 1, 2]))
+    assert torch.equal(linear(x), base(x) + delta(x))
+    for t in range(3):
+        assert torch.equal(delta.delta_weight(t), linear.delta_weight(t))
+    with pytest.raises(ValueError, match=r"adapter: expected an index in \[0, 2\], got 3"):
+        delta.effective(3)

@@ -126,3 +126,57 @@ def test_band_energy_sums_to_total(spectrum):
     assert torch.allclose(e[:3], torch.stack([comp[0], comp[1] + comp[2], torch.tensor(0.0)]), atol=1e-5)
     assert torch.allclose(e.sum(), G.pow(2).sum(), rtol=1e-5)
     assert e.shape == (4,)
+
+
+# ---------------------------------------------------------------- the training step's in-place filters
+def _orthonormal(n: int, m: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))[0]  # (n, m)
+
+
+@pytest.mark.parametrize("h_rest", [1.0, 0.3])
+def test_filter_gradient_is_the_dense_filter_plus_the_high_pass_gradient(h_rest):
+    from speclora.spectral.filters import filter_gradient_
+
+    n, m, k, p, gamma = 9, 4, 2, 5, 0.05
+    U = _orthonormal(n, m, 0)  # (n, m); its first k columns are U_k
+    g = torch.Generator().manual_seed(1)
+    G = torch.randn(n, p, generator=g, dtype=torch.float64)
+    dtheta = torch.randn(n, p, generator=g, dtype=torch.float64)
+    h = torch.rand(m, generator=g, dtype=torch.float64) * 2
+    coef = (h - h_rest).unsqueeze(1)  # (m, 1), as the callback holds it
+    # dense: (U diag(h) Uᵀ + h_rest (I − U Uᵀ)) G + ∇ γ‖(I − U_k U_kᵀ) ΔΘ‖² = … + 2γ (I − U_k U_kᵀ) ΔΘ
+    eye, Uk = torch.eye(n, dtype=torch.float64), U[:, :k]
+    want = (U @ torch.diag(h) @ U.T + h_rest * (eye - U @ U.T)) @ G + 2 * gamma * (eye - Uk @ Uk.T) @ dtheta
+    out = filter_gradient_(G.clone(), U, U.T @ G, coef, h_rest, gamma, dtheta, Uk.T @ dtheta)
+    assert torch.allclose(out, want, atol=1e-12)
+    # without a regulariser it is spectral_filter; and it writes into G
+    G2 = G.clone()
+    plain = filter_gradient_(G2, U, U.T @ G, coef, h_rest)
+    assert plain.data_ptr() == G2.data_ptr()
+    assert torch.allclose(plain, spectral_filter(G, U, h, h_rest), atol=1e-12)
+    # the Dirichlet form: a gradient 2γ R and no low-band term
+    R = torch.randn(n, p, generator=g, dtype=torch.float64)
+    dirichlet = filter_gradient_(G.clone(), U, U.T @ G, coef, h_rest, gamma, R)
+    assert torch.allclose(dirichlet, spectral_filter(G, U, h, h_rest) + 2 * gamma * R, atol=1e-12)
+
+
+@pytest.mark.parametrize("h_rest", [1.0, 0.5])
+def test_filter_update_scales_each_eigencomponent_of_the_update(h_rest):
+    from speclora.spectral.filters import filter_update_
+
+    n, m, p = 8, 3, 4
+    U = _orthonormal(n, m, 2)
+    g = torch.Generator().manual_seed(3)
+    before = torch.randn(n, p, generator=g, dtype=torch.float64)
+    delta = torch.randn(n, p, generator=g, dtype=torch.float64)
+    h = torch.rand(m, generator=g, dtype=torch.float64) * 2
+    after = before + delta
+    out, C = filter_update_(after.clone(), delta, U, h - h_rest, h_rest)
+    # Θ' = Θ_before + (U diag(h) Uᵀ + h_rest (I − U Uᵀ)) Δ
+    want = before + (U @ torch.diag(h) @ U.T + h_rest * (torch.eye(n, dtype=torch.float64) - U @ U.T)) @ delta
+    assert torch.allclose(out, want, atol=1e-12)
+    assert torch.allclose(C, U.T @ delta, atol=1e-12)
+    # a skipped step (Δ = 0) leaves Θ_after exactly
+    same, _ = filter_update_(before.clone(), torch.zeros_like(delta), U, h - h_rest, h_rest)
+    assert torch.equal(same, before)

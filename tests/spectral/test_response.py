@@ -112,3 +112,18 @@ def test_laplacian_trace():
         assert laplacian_trace(L) == pytest.approx(float(L.to_dense().trace()))
         assert laplacian_trace(L.to_dense()) == pytest.approx(float(torch.linalg.eigvalsh(L.to_dense()).sum()), rel=1e-5)
     assert laplacian_trace(laplacian(ei, w, 5, "sym")) == pytest.approx(5.0)  # L_sym: 1 per connected node
+
+
+def test_update_response_is_the_rates_times_the_learned_coefficients_on_the_low_band():
+    from speclora.spectral.response import ClassFilter, update_response
+
+    rate = torch.tensor([1.5, 1.2, 1.1, 1.05])  # (m,) e(λ): k = 2 low-band columns, then 2 extra
+    filt = ClassFilter(basis=torch.eye(4), values=torch.zeros(2), k=2, grad=torch.ones(4), grad_rest=1.0,
+                       rate=rate, rate_rest=1.0, rest_mean=float("nan"), rule="mean", grad_cols=4)
+    learned = torch.tensor([2.0, 0.5])  # (k,)
+    assert torch.equal(update_response(filt, learned, True, True), torch.tensor([3.0, 0.6, 1.1, 1.05]))
+    assert torch.equal(update_response(filt, learned, False, True), torch.tensor([2.0, 0.5, 1.0, 1.0]))
+    assert torch.equal(update_response(filt, None, True, True), rate)  # before the first learned step
+    assert torch.equal(update_response(filt, learned, True, False), rate)
+    assert update_response(filt, learned, False, False) is None
+    assert torch.equal(filt.rate, torch.tensor([1.5, 1.2, 1.1, 1.05]))  # not written into
