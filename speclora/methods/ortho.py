@@ -19,10 +19,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from speclora.methods.base import Method
+from speclora.methods.task_grads import (
+    loss_scale,
+    mean_over_ranks,
+    per_task_gradients,
+    replace_batch_gradient,
+)
 from speclora.metrics import conflict_rate
 from speclora.model.lora import lora_modules
 from speclora.tasks import TaskSpec
@@ -143,26 +148,6 @@ class OrthoState:
     blocks: dict[torch.device, Tensor] = field(default_factory=dict)
 
 
-def _loss_scale(module: SpecLoRAModule) -> float:
-    """The AMP loss scale the trainer's backward multiplies the loss by (1.0 without a GradScaler)."""
-    trainer = getattr(module, "_trainer", None)
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    return float(scaler.get_scale()) if scaler is not None else 1.0
-
-
-def _mean_over_ranks(grads: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-    """Under DDP: the per-task gradients averaged over ranks (as DDP averages the total gradient) and the
-    tasks present on any rank, so that every rank projects the same gradients. (T, P), (T,) -> same."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return grads, present
-    grads = grads.clone()
-    dist.all_reduce(grads)  # Σ_ranks
-    grads /= dist.get_world_size()
-    count = present.to(grads.dtype)
-    dist.all_reduce(count)
-    return grads, count > 0
-
-
 class Ortho(Method):
     """One LoRA shared by all tasks; conflicting task gradients projected orthogonally, in A and B separately.
 
@@ -216,21 +201,9 @@ class Ortho(Method):
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
         """Take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no loss term."""
         state: OrthoState = module.ortho_state
-        scale = _loss_scale(module)
-        num_tasks = len(module.specs)
-        size = sum(p.numel() for p in state.params)
-        ref = state.params[0]
-        grads = torch.zeros(num_tasks, size, dtype=ref.dtype, device=ref.device)  # (T, P)
-        present = torch.zeros(num_tasks, dtype=torch.bool, device=ref.device)  # (T,)
-        for t, out in outputs.items():
-            if out.loss is None:
-                continue
-            # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
-            parts = torch.autograd.grad(scale * module.task_weights[t] * out.loss, state.params,
-                                        retain_graph=True, allow_unused=True)
-            grads[t] = torch.cat([(q if q is not None else torch.zeros_like(p)).reshape(-1)
-                                  for q, p in zip(parts, state.params)])  # (P,)
-            present[t] = True
+        losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
+        # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
+        grads, present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
         state.grads, state.present = grads, present
         return {}
 
@@ -240,7 +213,7 @@ class Ortho(Method):
         state: OrthoState = module.ortho_state
         if state.grads is None:
             return
-        grads, present = _mean_over_ranks(state.grads, state.present)
+        grads, present = mean_over_ranks(state.grads, state.present)
         state.grads = state.present = None
         rows = present.nonzero().squeeze(1)  # (S,) tasks of the batch
         if len(rows) < 2:
@@ -254,13 +227,5 @@ class Ortho(Method):
         if blocks is None:
             blocks = state.blocks[g.device] = block_index(state.params, state.kinds, self.blocks).to(g.device)
         order = draw_orders(len(rows), self.seed, module.global_step) if self.order == "random" else None
-        # Σ_t g_t' − Σ_t g_t
-        delta = project_conflicts(g, blocks, order).sum(0) - g.sum(0)  # (P,)
-        offset = 0
-        for p in state.params:
-            step = delta[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            if p.grad is None:
-                p.grad = step.clone()
-            else:
-                p.grad.add_(step)
+        # θ.grad ← θ.grad − Σ_t g_t + Σ_t g_t'
+        replace_batch_gradient(state.params, g.sum(0), project_conflicts(g, blocks, order).sum(0))

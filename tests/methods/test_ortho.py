@@ -11,12 +11,11 @@ import torch
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods.ortho import (
     Ortho,
-    _loss_scale,
-    _mean_over_ranks,
     block_index,
     draw_orders,
     project_conflicts,
 )
+from speclora.methods.task_grads import loss_scale, mean_over_ranks
 from speclora.metrics import conflict_rate
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
@@ -111,17 +110,17 @@ def test_ortho_refuses_one_task(tiny_backbone):
         SpecLoRAModule(["rte"], backbone=tiny_backbone, method="ortho")
 
 
-def test_loss_scale_follows_the_amp_scaler():
+def testloss_scale_follows_the_amp_scaler():
     scaler = SimpleNamespace(get_scale=lambda: 1024.0)
     with_amp = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)))
-    assert _loss_scale(with_amp) == 1024.0
-    assert _loss_scale(SimpleNamespace(_trainer=None)) == 1.0
-    assert _loss_scale(SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace()))) == 1.0
+    assert loss_scale(with_amp) == 1024.0
+    assert loss_scale(SimpleNamespace(_trainer=None)) == 1.0
+    assert loss_scale(SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace()))) == 1.0
 
 
 def test_single_process_sync_is_the_identity():
     g, present = torch.randn(3, 5), torch.tensor([True, False, True])
-    out, seen = _mean_over_ranks(g, present)
+    out, seen = mean_over_ranks(g, present)
     assert out is g and seen is present
 
 
@@ -243,7 +242,7 @@ def _sync_worker(rank: int, world: int, init_file: str, results) -> None:
         grads = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 0.0]]) if rank == 0 else \
             torch.tensor([[0.0, 0.0], [3.0, -1.0], [0.0, 0.0]])
         present = torch.tensor([True, True, False]) if rank == 0 else torch.tensor([False, True, False])
-        g, seen = _mean_over_ranks(grads, present)
+        g, seen = mean_over_ranks(grads, present)
         results[rank] = (g.tolist(), seen.tolist())
     finally:
         dist.destroy_process_group()
