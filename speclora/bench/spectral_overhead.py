@@ -91,8 +91,8 @@ def hook_times(backbone: str, repeat: int) -> dict[str, float]:
         callback.on_before_optimizer_step(trainer, module, None)
 
     def after_step() -> None:
-        trainer.global_step = 2  # the step after the snapshot: the update filter runs
-        callback.on_train_batch_end(trainer, module, None, None, 0)
+        # the optimizer's step post-hook: the update filter on the snapshot's Δ
+        callback.filter_optimizer_update(trainer, module)
 
     grads = callback._signals(grad=True)
     pieces = {
@@ -100,13 +100,13 @@ def hook_times(backbone: str, repeat: int) -> dict[str, float]:
         "EMA correlations": lambda: callback.corr.update(grads),
         "refresh (every refresh_every steps)": lambda: callback.refresh(None),
         "on_before_optimizer_step": before_step,
-        "on_train_batch_end": after_step,
+        "update filter (optimizer step post-hook)": after_step,
     }
     times = {}
     for name, fn in pieces.items():
         total = 0.0
         for i in range(repeat + 1):  # the first call is warm-up
-            if name == "on_train_batch_end":
+            if name.startswith("update filter"):
                 before_step()  # the snapshot it filters against, untimed
             start = time.perf_counter()
             fn()

@@ -1,25 +1,26 @@
 """SpectralGraphCallback: wires the spectral math of speclora.spectral into Lightning's training loop.
 
-Per optimizer step (DESIGN.md, data path), with G the stacked aligned LoRA gradients of every shape class
-(n_c, p_c), U_f = [U_k | U_x] a class's filter basis (the k smallest eigenpairs, then the eigenvectors whose
-response differs from the rest's; ``response.py``) and h, h_rest the responses on it and on its complement:
+Per optimizer step (DESIGN.md, data path; docs/architecture.md, "The path of a training batch"), with G the
+stacked aligned LoRA gradients of every shape class (n_c, p_c), U_f = [U_k | U_x] a class's filter basis (the k
+smallest eigenpairs, then the eigenvectors whose response differs from the rest's; ``response.py``) and h,
+h_rest the responses on it and on its complement:
 
-    on_before_optimizer_step (gradients are synchronised across ranks by then)
-        EMA correlations  ← G (only where G is finite: a device flag, no host read) (EdgeCorrelation.update)
+    on_before_optimizer_step (gradients synchronised across ranks; the module's skipped flag asked first)
+        EMA correlations  ← G where the step goes ahead (EdgeCorrelation.update)
         every K steps: w → the training graph (top-k sparsified if set) → L → eigenpairs → responses
-        h_learned ← hypergradient step from ⟨U_kᵀ G_t, U_kᵀ Δ_{t−1}⟩ (kept where G is not finite)
-        G' = h_g,rest G + U_f diag(h_g − h_g,rest) U_fᵀ G        coordination (1 / ε) × band filter (Table 3)
-        G' += ∇ γ R(Θ)                                          R: high-pass or Dirichlet energy of Θ − Θ₀
+        h_learned ← hypergradient step from ⟨U_kᵀ G_t, U_kᵀ Δ_{t−1}⟩ (kept on a skipped step)
+        G' = h_g,rest G + U_f diag(h_g − h_g,rest) U_fᵀ G + ∇ γ R(Θ)     filters.filter_gradient_
         Θ_before ← Θ
-    on_train_batch_end (after the optimizer step)
-        Δ = Θ − Θ_before;  Θ ← Θ_before + h_u,rest Δ + U_f diag(h_u − h_u,rest) U_fᵀ Δ
+    optimizer.step, then its post-hook (``step_hooks``: the update filter inside the step)
+        Δ = Θ − Θ_before;  Θ ← Θ_before + h_u,rest Δ + U_f diag(h_u − h_u,rest) U_fᵀ Δ    filters.filter_update_
         h_u = (1 + β exp(−λ/σ)) (per-eigencomponent learning rates) × h_learned (on U_k)
-        Δ_{t} ← Δ (kept where G was not finite)
+        Δ_{t} ← Δ (kept on a skipped step)                                                filters.remember_update
 
-A step the module skips (non-finite gradients: the fused AdamW leaves Θ unchanged, Δ = 0) leaves everything
-unchanged: the EMAs, h_learned and Δ_{t−1} are updated through ``torch.where`` on the device flag, and the
-update filter maps Δ = 0 to 0. Steady-state steps (no refresh, no logging) read nothing back from the device;
-the skipped-step count is read at logging steps.
+A step the module skips (a non-finite gradient) leaves everything unchanged: the EMAs, h_learned and Δ_{t−1}
+move through ``torch.where`` on the device flag, and the optimizer leaves Θ as it was (Δ = 0, mapped to 0).
+An fp16 GradScaler that finds an inf does not call ``optimizer.step`` at all: ``on_train_batch_end`` then
+closes the step as a skipped one. Steady-state steps (no refresh, no logging) read nothing back from the
+device; the skipped-step count is read at logging steps.
 
 The regulariser enters as its gradient, added to the adapters' gradients before the step: for a
 gradient-based optimiser this is the same as adding γ R(Θ) to the loss (logged as train/spectral/reg, the
@@ -58,15 +59,10 @@ from speclora.spectral.filters import (
     filter_update_,
     hypergradient_step,
 )
-from speclora.spectral.graph import (
-    EDGE_KINDS,
-    GraphLayout,
-    build_edges,
-    class_subgraph,
-    graph_statistics,
-)
-from speclora.spectral.regularizer import dirichlet_energy_of, high_pass_energy_projected
-from speclora.spectral.response import ResponseSettings, update_response
+from speclora.spectral.graph import EDGE_KINDS, GraphLayout, build_edges, class_edges, graph_statistics
+from speclora.spectral.regularizer import regularizer_terms
+from speclora.spectral.response import ResponseSettings
+from speclora.spectral.step_hooks import StepHooks
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +164,8 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self.log_every, self.heatmap_every, self.seed = log_every, heatmap_every, seed
         self.responses = ResponseSettings(coordination, epsilon, band_filter, self.band_coefficients,
                                           self.band_edges, eigen_lr, beta, sigma, rest_response)
+        self.step_hooks = StepHooks()  # the update filter's place in optimizer.step (on_train_start)
         self._init_state()  # built in setup (on the CPU), moved to the parameters' device from on_train_start
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """refreshes, fallbacks, kept_previous, solver_failed and skipped_nonfinite (a host read)."""
-        skipped = self.corr.num_skipped_nonfinite if self.corr is not None else 0
-        return {**self._counts, "skipped_nonfinite": skipped}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -197,11 +188,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         self._device = edge_index.device
         self.corr = EdgeCorrelation(edge_index, self.layout.num_nodes, self.ema_decay,
                                     node_class=self.layout.node_class)
-        positions = torch.arange(edge_index.size(1))  # (E,): each class's edges and their positions in edge_index
-        per_class = [class_subgraph(self.layout, edge_index, positions, c)
-                     for c in range(len(self.layout.shape_classes))]  # [((2, E_c), (E_c,))]
-        self._class_edges_index = [ei for ei, _ in per_class]
-        self._class_edges_ids = [ids for _, ids in per_class]
+        self._class_edges_index, self._class_edges_ids = class_edges(self.layout, edge_index)  # [(2, E_c)], [(E_c,)]
         self.class_k = [min(self.k, ids.numel()) for _, ids in self.layout.shape_classes]
         # the device the strategy will train on (cuda:N under DDP): its crossover decides dense vs LOBPCG
         self._check_solver(getattr(getattr(trainer, "strategy", None), "root_device", None) or pl_module.device)
@@ -214,22 +201,17 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         log.info("parameter graph: %d nodes, %s", self.layout.num_nodes,
                  {kind: int(v["num_edges"]) for kind, v in stats.items()})
 
-    # ------------------------------------------------------------------ responses (for the logs)
-    def gradient_response(self, c: int) -> tuple[Tensor, float]:
-        """h_g (m,) on class c's basis and h_g,rest on its complement: coordination × band filter."""
-        filt = self.filters[c]
-        return filt.grad, filt.grad_rest
-
-    def update_response(self, c: int) -> Tensor | None:
-        """h_u (m,) on class c's basis (h_u,rest on its complement: ``filters[c].rate_rest``); None when neither
-        per-eigencomponent rates nor learned coefficients are on (``response.update_response``)."""
-        return update_response(self.filters[c], self.h_learned[c], self.eigen_lr, self.learned)
-
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # the strategy has moved the module to its device by now, and a checkpoint has been restored
+        # the strategy has moved the module to its device by now, a checkpoint has been restored, and the
+        # optimizers of this fit (a resumed run's are new objects) exist: the update filter joins their step
         self._ensure_device()
         self._take_theta0()
+        self._theta_before = None
+        self.step_hooks.attach(trainer.optimizers, lambda: self.filter_optimizer_update(trainer, pl_module))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.step_hooks.detach()  # a later fit attaches to its own optimizers, once
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch_start = time.perf_counter()
@@ -238,6 +220,7 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         start = time.perf_counter()
         self._ensure_device()
         self._take_theta0()
+        self._theta_before = None
         with float32_math(self._device):
             self._filter_step(trainer, pl_module)
         self._time_spent += time.perf_counter() - start
@@ -248,11 +231,11 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
         # transform); a bare model without one (tests' Toy) leaves it to the EMA's own finiteness test
         step_skipped = getattr(pl_module, "step_skipped", None)
         skipped = step_skipped() if callable(step_skipped) else None
-        finite = self.corr.update(G, skipped)  # () bool on the device; the EMAs move only where it holds
+        usable = self.corr.update(G, skipped)  # () bool on the device: the EMAs moved (G finite, step not skipped)
+        go = usable if skipped is None else ~skipped  # () bool: the optimizer takes this step
         step = trainer.global_step
         if any(f is None for f in self.filters) or step % self.refresh_every == 0:
             if not self.refresh(trainer) and any(f is None for f in self.filters):
-                self._theta_before = None
                 return
         # Table 2's energy by band is of the raw gradients: taken before they are filtered in place below
         energies = ([band_energy(g, U, v) for g, U, v in zip(G, self.vectors, self.values)]
@@ -265,23 +248,20 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
             U = filt.basis[:, : filt.grad_cols]  # (n_c, m_g): the columns whose gradient response differs
             cg = U.T @ g  # (m_g, p_c): U_fᵀ G, its first k rows shared by the hypergradient and the filter
             if self.learned and self.delta_prev[c] is not None:
-                # ∂L(θ_t)/∂h_i = ⟨U_iᵀ G_t, U_iᵀ Δ_{t−1}⟩, a step only where G_t is finite
+                # ∂L(θ_t)/∂h_i = ⟨U_iᵀ G_t, U_iᵀ Δ_{t−1}⟩, a step only where G is usable
                 cd = self._projected(self._c_delta_prev, c, self.delta_prev[c])  # (k, p_c)
                 h = hypergradient_step(self.h_learned[c], cg[: filt.k], cd, self.hyper_lr, self.hyper_clip)
-                self.h_learned[c] = torch.where(finite, h, self.h_learned[c])  # (k,)
+                self.h_learned[c] = torch.where(usable, h, self.h_learned[c])  # (k,)
             # G' = h_rest G + U diag(h − h_rest) Uᵀ G + ∇γR, in place on this step's own stacked copy g
             reg = reg_low = None
-            if self.regularizer == "highpass" and self.gamma > 0:
-                # R = γ‖(I − U_k U_kᵀ) ΔΘ‖² = γ(‖ΔΘ‖² − ‖U_kᵀ ΔΘ‖²),  ∇R = 2γ ΔΘ − 2γ U_k U_kᵀ ΔΘ
-                work = self._buffers("delta")
-                reg = torch.sub(theta[c], self.theta0[c], out=work[c] if work else None)  # (n_c, p_c) ΔΘ
-                reg_low = U_k.T @ theta[c] - self._projected(self._c_theta0, c, self.theta0[c])  # (k, p_c)
-                reg_values.append(high_pass_energy_projected(reg, reg_low, self.gamma))
-            elif self.regularizer == "dirichlet" and self.gamma > 0:
-                # R = γ tr(ΔΘᵀ L ΔΘ),  ∇R = 2γ L ΔΘ, L of the training graph of the last refresh
-                delta = theta[c] - self.theta0[c]  # (n_c, p_c)
-                reg = torch.sparse.mm(self.class_laplacian(c), delta)  # (n_c, p_c) L ΔΘ
-                reg_values.append(dirichlet_energy_of(delta, reg, self.gamma))
+            if self.regularizer != "none" and self.gamma > 0:
+                highpass = self.regularizer == "highpass"
+                work = self._buffers("delta") if highpass else None
+                reg, reg_low, value = regularizer_terms(
+                    self.regularizer, self.gamma, theta[c], self.theta0[c], U_k,
+                    c_theta0=self._projected(self._c_theta0, c, self.theta0[c]) if highpass else None,
+                    laplacian=None if highpass else self.class_laplacian(c), out=work[c] if work else None)
+                reg_values.append(value)
             coef = self._grad_coef[c]  # (m_g, 1) h_g − h_g,rest
             filtered.append(filter_gradient_(g, U, cg, coef, filt.grad_rest, self.gamma, reg, reg_low))
         self._write(filtered, grad=True)
@@ -289,18 +269,29 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
             total = torch.stack(reg_values).sum()  # ()
             self._reg_sum = total if self._reg_sum is None else self._reg_sum.add_(total)
             self._reg_steps += 1
-        if snapshot:
-            self._theta_before = theta  # the parameters are unchanged since: only the gradients were written
-            self._step_of_snapshot, self._finite = step, finite
+        if snapshot:  # Θ_before of the update filter: only the gradients were written since
+            self._theta_before, self._finite = theta, go
         if energies is not None:
             log_step(self, trainer, pl_module, energies)
+
+    def filter_optimizer_update(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The optimizer's step post-hook (``step_hooks``): the update filter on this step's Δ, once per step
+        that took a snapshot (a step with neither per-eigencomponent rates nor learned coefficients takes none)."""
+        start = time.perf_counter()
+        self._ensure_device()  # (a move drops the snapshot: its views are of the old device's buffers)
+        if self._theta_before is None:
+            return
+        with torch.no_grad(), float32_math(self._device):
+            self._filter_update()
+        self._time_spent += time.perf_counter() - start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         start = time.perf_counter()
         self._ensure_device()
-        if self._theta_before is not None and trainer.global_step == self._step_of_snapshot + 1:
-            with float32_math(self._device):
-                self._filter_update()
+        if self._theta_before is not None:
+            # a snapshot no optimizer step consumed: an fp16 GradScaler found an inf and skipped the call (the
+            # module's flag says skipped, Θ = Θ_before); the update memory closes the step as a skipped one
+            self._skipped_update()
         now = time.perf_counter()
         self._time_spent += now - start
         self._time_total += now - self._batch_start
@@ -309,8 +300,8 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
 
     def _filter_update(self) -> None:
         """Θ ← Θ_before + h_u,rest Δ + U diag(h_u − h_u,rest) Uᵀ Δ on the optimizer's update Δ (Δ = 0 on a
-        skipped step: Θ stays exactly Θ_before)."""
-        before, finite = self._theta_before, self._finite
+        skipped step: Θ stays exactly Θ_before), and the update memory Δ_{t} (``filters.remember_update``)."""
+        before, go = self._theta_before, self._finite
         after = self._signals(param=True, buffer="after")
         work = self._buffers("update")
         out = []
@@ -323,11 +314,6 @@ class SpectralGraphCallback(RefreshMixin, StateMixin, L.Callback):
             a, c_delta = filter_update_(a, delta, filt.basis[:, : coef.numel()], coef, filt.rate_rest)
             out.append(a)  # (n_c, p_c); c_delta = Uᵀ Δ (m_u, p_c)
             if self.learned:
-                # Δ_{t} and U_kᵀ Δ_{t} for the next hypergradient, only where this step's gradients were finite
-                prev = self.delta_prev[c]
-                kept = self._projected(self._c_delta_prev, c, prev) if prev is not None else 0.0  # (k, p_c)
-                self._c_delta_prev[c] = (self._vectors_version[c], torch.where(finite, c_delta[: filt.k], kept))
-                self.delta_prev[c] = (torch.where(finite, delta, 0.0) if prev is None
-                                      else torch.where(finite, delta, prev, out=prev))  # (n_c, p_c)
+                self._remember(c, delta, c_delta[: filt.k], go)
         self._write(out, grad=False)
         self._theta_before = None

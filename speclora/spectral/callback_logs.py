@@ -19,6 +19,7 @@ from torch import Tensor
 
 from speclora.spectral.eigen import METHODS
 from speclora.spectral.graph import node_features
+from speclora.spectral.response import update_response
 from speclora.spectral.visual import coordination_image
 
 if TYPE_CHECKING:
@@ -73,9 +74,9 @@ def log_step(cb: SpectralGraphCallback, trainer: L.Trainer, pl_module: L.Lightni
                       batch_size=1)
         if histograms:
             experiment.add_histogram(f"spectral/class{c}/eigenvalues", values.cpu(), step)
-            h, _ = cb.gradient_response(c)
-            experiment.add_histogram(f"spectral/class{c}/gradient_response", h.cpu(), step)
-            hu = cb.update_response(c)
+            # h_g on class c's basis (coordination × band filter); h_u (None: neither rates nor learned)
+            experiment.add_histogram(f"spectral/class{c}/gradient_response", cb.filters[c].grad.cpu(), step)
+            hu = update_response(cb.filters[c], cb.h_learned[c], cb.eigen_lr, cb.learned)
             if hu is not None:
                 experiment.add_histogram(f"spectral/class{c}/update_response", hu.cpu(), step)
     if histograms:

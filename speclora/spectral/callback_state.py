@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from speclora.spectral.devices import move_to
+from speclora.spectral.filters import remember_update
 from speclora.spectral.response import ClassFilter
 from speclora.spectral.signals import stack_signals, write_signals
 
@@ -66,8 +67,7 @@ class StateMixin:
         self._work: dict[str, list[Tensor]] = {}
         self._pending_state: dict[str, Any] | None = None
         self._theta_before: list[Tensor] | None = None
-        self._finite: Tensor | None = None  # () bool: this step's LoRA gradients were finite
-        self._step_of_snapshot = -1
+        self._finite: Tensor | None = None  # () bool: this step goes ahead (the module's flag, negated)
         self._reg_sum: Tensor | None = None  # Σ of the regulariser's values since the last log (device)
         self._reg_steps = 0
         self._skipped_reported = 0
@@ -178,6 +178,29 @@ class StateMixin:
                           [m.lora_B.grad for m in self.layers])
         else:
             write_signals(self.layout, signals, [m.lora_A for m in self.layers], [m.lora_B for m in self.layers])
+
+    @property
+    def counters(self: SpectralGraphCallback) -> dict[str, int]:
+        """refreshes, fallbacks, kept_previous, solver_failed and skipped_nonfinite (a host read)."""
+        skipped = self.corr.num_skipped_nonfinite if self.corr is not None else 0
+        return {**self._counts, "skipped_nonfinite": skipped}
+
+    # ------------------------------------------------------------------ the update memory (learned coefficients)
+    def _skipped_update(self: SpectralGraphCallback) -> None:
+        """A step whose optimizer call was skipped: Θ is Θ_before, and the update memory stays as on any skipped
+        step (Δ = 0 where the flag is set; what ``_filter_update`` leaves there, with no write of Θ)."""
+        if self.learned:
+            for c, b in enumerate(self._theta_before):
+                zero = torch.zeros_like(b)  # (n_c, p_c): Δ of a step the optimizer did not take
+                self._remember(c, zero, zero.new_zeros(self.filters[c].k, zero.size(1)), self._finite)
+        self._theta_before = None
+
+    def _remember(self: SpectralGraphCallback, c: int, delta: Tensor, c_delta: Tensor, go: Tensor) -> None:
+        """Δ_{t} and U_kᵀ Δ_{t} (the latter cached with the eigenvectors' version) where the step went ahead."""
+        prev = self.delta_prev[c]
+        c_prev = self._projected(self._c_delta_prev, c, prev) if prev is not None else None  # (k, p_c)
+        self.delta_prev[c], c_new = remember_update(prev, c_prev, delta, c_delta, go)
+        self._c_delta_prev[c] = (self._vectors_version[c], c_new)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self: SpectralGraphCallback) -> dict[str, Any]:

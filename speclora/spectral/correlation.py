@@ -191,11 +191,14 @@ class EdgeCorrelation:
     def update(self, G_by_class: Tensor | Sequence[Tensor], skipped: Tensor | None = None) -> Tensor:
         """One EMA step from the stacked aligned gradients, per shape class (n_c, p_c) (``stack_signals``).
 
-        Returns a () bool tensor on the device: whether every gradient was finite and the step goes ahead.
-        Applied only where the gradients are finite and not all exactly zero (nothing to learn from those, and
-        they would only shrink the EMAs), and the step is not ``skipped`` (the module's () bool flag of the
-        step: some other gradient is not finite); otherwise the state is left exactly as it was. Counted in
-        ``counts`` either way. No host read: the test and the choice are device ops (``torch.where``).
+        Whether the step goes ahead is the module's one skipped-step flag when given (``skipped``, a () bool:
+        the module's check of every gradient, these included, so they are not tested for NaN/inf again); a
+        bare use without a module (None) tests G itself. Σ‖g_i‖² is tested for finiteness in either case: with
+        a module it guards the sums against float32 overflow (finite gradients whose squares overflow Q).
+        Returns a () bool tensor on the device: the step goes ahead and its sums are finite, so G may be used
+        (the EMAs, the learned coefficients' hypergradient). Applied only there and where G is not all exactly
+        zero (nothing to learn from that, and it would only shrink the EMAs); otherwise the state is left
+        exactly as it was. Counted in ``counts`` either way. No host read: device ops (``torch.where``).
         """
         Gs = [G_by_class] if isinstance(G_by_class, Tensor) else list(G_by_class)
         if len(Gs) != self.num_classes:
@@ -212,15 +215,15 @@ class EdgeCorrelation:
         # a non-finite entry of G makes its ‖g_i‖² (and their sum) non-finite; a finite ‖g‖ bounds the dots
         # (Cauchy–Schwarz). A sum past float32's range is not finite either: such a step would overflow Q.
         total = q.sum()  # ()
-        finite, nonzero = torch.isfinite(total), total > 0  # (), ()
-        if skipped is not None:
-            finite = finite & ~skipped.to(finite.device)  # (): the step's own flag, from all gradients
-        ok = finite & nonzero
+        sums_finite, nonzero = torch.isfinite(total), total > 0  # (), ()
+        # the step's fate: the module's flag, else G's own test (the same sum)
+        usable = sums_finite if skipped is None else ~skipped.to(total.device) & sums_finite  # ()
+        ok = usable & nonzero
         # EMA ← μ EMA + (1 − μ) new, where ok (else unchanged, bit for bit)
         new.mul_(1 - self.decay).add_(self.ema, alpha=self.decay)  # (n + P,)
         torch.where(ok, new, self.ema, out=self.ema)
-        self.counts.add_(torch.stack([ok, ~finite, finite & ~nonzero]))  # (3,)
-        return finite
+        self.counts.add_(torch.stack([ok, ~usable, usable & ~nonzero]))  # (3,)
+        return usable
 
     # ------------------------------------------------------------------ what the graph reads
     def rho(self) -> Tensor:

@@ -245,3 +245,13 @@ def filter_update_(after: Tensor, delta: Tensor, U: Tensor, coef: Tensor, h_rest
     if h_rest != 1.0:
         after = after.add_(delta, alpha=h_rest - 1.0)  # Θ_after + (h_rest − 1) Δ
     return after.addmm_(U, coef.unsqueeze(1) * C), C  # (n, p), (m, p)
+
+
+def remember_update(prev: Tensor | None, c_prev: Tensor | None, delta: Tensor, c_delta: Tensor,
+                    go: Tensor) -> tuple[Tensor, Tensor]:
+    """The update memory of the learned coefficients: Δ_{t} (n, p) and its low-band coefficients U_kᵀ Δ_{t}
+    (k, p) for the next hypergradient, where the step went ahead (``go``, a () bool device flag); else the
+    previous ones kept (zeros before the first). ``prev`` is updated in place; no host read."""
+    c_new = torch.where(go, c_delta, c_prev if c_prev is not None else 0.0)  # (k, p)
+    new = torch.where(go, delta, 0.0) if prev is None else torch.where(go, delta, prev, out=prev)  # (n, p)
+    return new, c_new

@@ -241,6 +241,14 @@ def class_subgraph(
     return ei, ew  # (2, E_c), (E_c,)
 
 
+def class_edges(layout: GraphLayout, edge_index: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Per shape class: its edges relabelled to the class's rows (2, E_c), and their positions in
+    ``edge_index`` (E_c,) (what the class's EMA correlations and graph weights are read at)."""
+    positions = torch.arange(edge_index.size(1), device=edge_index.device)  # (E,)
+    per_class = [class_subgraph(layout, edge_index, positions, c) for c in range(len(layout.shape_classes))]
+    return [ei for ei, _ in per_class], [ids for _, ids in per_class]  # [(2, E_c)], [(E_c,)]
+
+
 def node_features(A: Sequence[Tensor], B: Sequence[Tensor]) -> Tensor:
     """Per-node matrix statistics (§3.1): Frobenius, spectral, nuclear norm, condition number.
 

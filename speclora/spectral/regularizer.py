@@ -70,3 +70,25 @@ def dirichlet_energy_of(delta: Tensor, l_delta: Tensor, gamma: float) -> Tensor:
     ∇ = 2γ L ΔΘ to the gradients) → scalar."""
     # tr(ΔΘᵀ L ΔΘ) = Σ_{i,p} ΔΘ_ip (L ΔΘ)_ip
     return gamma * (delta * l_delta).sum()  # ()
+
+
+def regularizer_terms(kind: str, gamma: float, theta: Tensor, theta0: Tensor, U_k: Tensor | None = None,
+                      c_theta0: Tensor | None = None, laplacian: Tensor | None = None,
+                      out: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The training step's form of a regulariser: the terms of its gradient for ``filters.filter_gradient_``
+    and its value, from Θ, Θ_0: (n, p) (no autograd).
+
+    ``highpass``: R = ΔΘ (written into ``out`` when given), R_low = U_kᵀ ΔΘ = U_kᵀ Θ − c_theta0 (k, p) with
+    c_theta0 = U_kᵀ Θ_0 (the caller's cache), value γ(‖ΔΘ‖² − ‖R_low‖²); ∇ = 2γ R − 2γ U_k R_low.
+    ``dirichlet``: R = L ΔΘ (``laplacian`` L sparse (n, n)), no R_low, value γ tr(ΔΘᵀ L ΔΘ); ∇ = 2γ R.
+    Returns (R, R_low, value).
+    """
+    if kind == "highpass":
+        reg = torch.sub(theta, theta0, out=out)  # (n, p) ΔΘ
+        reg_low = U_k.T @ theta - c_theta0  # (k, p) U_kᵀ ΔΘ
+        return reg, reg_low, high_pass_energy_projected(reg, reg_low, gamma)
+    if kind == "dirichlet":
+        delta = theta - theta0  # (n, p)
+        reg = torch.sparse.mm(laplacian, delta)  # (n, p) L ΔΘ
+        return reg, None, dirichlet_energy_of(delta, reg, gamma)
+    raise ValueError(f"regularizer={kind!r}; allowed: highpass, dirichlet")

@@ -61,7 +61,8 @@ def test_methods_prints_costs_relative_to_independent(tiny_backbone, data_root, 
 def test_spectral_overhead_hooks_prints_each_piece(tiny_backbone, data_root, token_cache, capsys):
     spectral_overhead.main(["--hooks", "--backbone", tiny_backbone, "--repeat", "2"])
     out = capsys.readouterr().out
-    for label in ("stack gradients", "EMA correlations", "on_before_optimizer_step", "on_train_batch_end"):
+    for label in ("stack gradients", "EMA correlations", "on_before_optimizer_step",
+                  "update filter (optimizer step post-hook)"):
         assert 0.0 < _value(out, label) < 10_000
 
 

@@ -190,10 +190,10 @@ def test_steady_state_hooks_never_wait_for_the_gpu(still_backbone, data_root, tm
                 checked.append(trainer.global_step)
         return run
 
-    for name in ("on_before_optimizer_step", "on_train_batch_end"):
+    for name in ("on_before_optimizer_step", "filter_optimizer_update", "on_train_batch_end"):
         setattr(spectral, name, strict(getattr(spectral, name)))
     trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=[spectral], use_distributed_sampler=False)
     trainer.fit(module, datamodule=dm)
-    assert len(checked) == 6 and spectral.layers[0].lora_A.is_cuda
+    assert len(checked) == 9 and spectral.layers[0].lora_A.is_cuda

@@ -109,7 +109,14 @@ def test_per_eigencomponent_rates_filter_the_optimizer_update(tiny_backbone, dat
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=False, eigen_lr=True, beta=2.0,
                                      sigma=0.5, learned=False, regularizer="none", rest_response="last")
     start = Snapshot()
-    raw = Snapshot()  # runs before the spectral callback's on_train_batch_end: the raw optimizer update
+
+    class RawUpdate(Callback):  # a step post-hook registered before the spectral callback's: the raw update
+        def on_train_start(self, trainer, pl_module):
+            def record(*_):
+                self.params_after_step = [p.clone() for p in spectral._signals(param=True)]
+            trainer.optimizers[0].register_step_post_hook(record)
+
+    raw = RawUpdate()
 
     class Theta0(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

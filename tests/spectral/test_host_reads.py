@@ -71,14 +71,14 @@ def test_no_host_read_in_a_steady_state_step(tiny_backbone, data_root, tmp_path,
     # refresh and log at step 0 only: steps 1-4 are steady-state steps
     spectral = SpectralGraphCallback(k=6, refresh_every=50, log_every=50, heatmap_every=0, **options)
     counts: collections.Counter = collections.Counter()
-    # global steps 2-4: on_before_optimizer_step of steps 2-4, on_train_batch_end of steps 1-3 (it runs after
-    # the optimizer step has advanced the count)
-    for name in ("on_before_optimizer_step", "on_train_batch_end"):
+    # global steps 2-4: on_before_optimizer_step and the update filter (the optimizer's step post-hook) of
+    # steps 2-4, on_train_batch_end of steps 1-3 (it runs after the optimizer step has advanced the count)
+    for name in ("on_before_optimizer_step", "filter_optimizer_update", "on_train_batch_end"):
         setattr(spectral, name, _counted(getattr(spectral, name), {2, 3, 4}, counts))
     trainer = L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[spectral],
                         use_distributed_sampler=False)
     trainer.fit(module, datamodule=datamodule)
-    assert counts.pop("hooks") == 6 and spectral.counters["refreshes"] == 1  # the hooks ran, on steady steps
+    assert counts.pop("hooks") == 9 and spectral.counters["refreshes"] == 1  # the hooks ran, on steady steps
     assert spectral.delta_prev[0] is not None and spectral.h_learned[0] is not None
     assert sum(counts.values()) == 0, f"host reads in the callback's steady-state hooks: {dict(counts)}"

@@ -2,8 +2,9 @@
 
 ``Toy``: T tasks × S square slots of width d and rank r (one shape class of n = 2·T·S nodes, p = d·r).
 ``Driver`` plays the training loop's part: it sets the LoRA gradients, calls the hooks in Lightning's order,
-and takes an optimizer step in between (a plain update ``Θ ← Θ − lr·sign(G')``, unlike the gradient, so
-that a test can tell the update from the gradient), recording what each step saw.
+and takes an optimizer step in between (``SignDescent``: a plain update ``Θ ← Θ − lr·sign(G')``, unlike the
+gradient, so that a test can tell the update from the gradient; the callback's update filter runs as its
+step post-hook), recording what each step saw.
 """
 
 from __future__ import annotations
@@ -45,14 +46,36 @@ class Toy(nn.Module):
         self.logged[name] = value
 
 
+class SignDescent(torch.optim.Optimizer):
+    """Θ ← Θ − lr·sign(G); ``skip`` leaves Θ unchanged (a step the module skips: the hooks still run)."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+        self.skip = False
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        if self.skip:
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(group["lr"] * torch.sign(p.grad))
+
+
 class Driver:
     """Runs steps of ``callback`` on ``model``: gradients in, the hooks, an optimizer step, records out."""
 
     def __init__(self, model: Toy, callback: SpectralGraphCallback, lr: float = 0.05, seed: int = 1) -> None:
         self.model, self.cb, self.lr = model, callback, lr
         self.gen = torch.Generator().manual_seed(seed)
+        self.optimizer = SignDescent(model.parameters(), lr)
         self.trainer = SimpleNamespace(global_step=0, world_size=1, logger=None, loggers=[],
-                                       strategy=SimpleNamespace(root_device=torch.device("cpu")))
+                                       strategy=SimpleNamespace(root_device=torch.device("cpu")),
+                                       optimizers=[self.optimizer])
+        self._record: dict[str, Tensor] = {}
+        # registered before the callback's hook (hooks run in registration order): the raw optimizer update
+        self.optimizer.register_step_post_hook(lambda *_: self._record.__setitem__("theta_optimizer", self.theta()))
         callback.setup(self.trainer, model, "fit")
         callback.on_train_start(self.trainer, model)
         self.records: list[dict[str, Tensor]] = []
@@ -70,9 +93,11 @@ class Driver:
         (out,) = stack_signals(self.cb.layout, A, B)
         return out.clone()
 
-    def step(self, grads: dict[str, Tensor] | None = None, skip: bool = False, poison: bool = False) -> dict:
+    def step(self, grads: dict[str, Tensor] | None = None, skip: bool = False, poison: bool = False,
+             no_call: bool = False) -> dict:
         """One training step. ``grads``: per layer index, (A grad, B grad); random when None. ``skip``: the
-        optimizer leaves Θ unchanged (the module skipped the step). ``poison``: a NaN in one gradient."""
+        optimizer leaves Θ unchanged (the module skipped the step). ``poison``: a NaN in one gradient.
+        ``no_call``: ``optimizer.step`` is not called at all (an fp16 GradScaler that found an inf)."""
         cb, model, trainer = self.cb, self.model, self.trainer
         for i, m in enumerate(model.lins):
             if grads is not None:
@@ -86,12 +111,11 @@ class Driver:
         cb.on_train_batch_start(trainer, model, None, 0)
         cb.on_before_optimizer_step(trainer, model, None)
         record["G_filtered"] = self._stack()
-        if not skip:  # the optimizer: Θ ← Θ − lr·sign(G')
-            with torch.no_grad():
-                for m in model.lins:
-                    m.lora_A -= self.lr * torch.sign(m.lora_A.grad)
-                    m.lora_B -= self.lr * torch.sign(m.lora_B.grad)
-        record["theta_optimizer"] = self.theta()
+        # the optimizer: Θ ← Θ − lr·sign(G'); its post-hooks record the raw update, then filter it
+        self.optimizer.skip, self._record = skip, record
+        record["theta_optimizer"] = self.theta()  # stays so where the step is not called
+        if not no_call:
+            self.optimizer.step()
         trainer.global_step += 1
         cb.on_train_batch_end(trainer, model, None, None, 0)
         record["theta_after"] = self.theta()
