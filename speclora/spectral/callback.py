@@ -9,12 +9,12 @@ h_rest the responses on it and on its complement:
         EMA correlations  ← G where the step goes ahead (EdgeCorrelation.update)
         every K steps: w → the training graph (top-k sparsified if set) → L → eigenpairs → responses
         h_learned ← hypergradient step from ⟨U_kᵀ G_t, U_kᵀ Δ_{t−1}⟩ (kept on a skipped step)
-        G' = h_g,rest G + U_f diag(h_g − h_g,rest) U_fᵀ G + ∇ γ R(Θ)     filters.filter_gradient_
+        G' = h_g,rest G + U_f diag(h_g − h_g,rest) U_fᵀ G + ∇ γ R(Θ)    (filters.filter_gradient_)
         Θ_before ← Θ
     optimizer.step, then its post-hook (``step_hooks``: the update filter inside the step)
-        Δ = Θ − Θ_before;  Θ ← Θ_before + h_u,rest Δ + U_f diag(h_u − h_u,rest) U_fᵀ Δ    filters.filter_update_
+        Δ = Θ − Θ_before;  Θ ← Θ_before + h_u,rest Δ + U_f diag(h_u − h_u,rest) U_fᵀ Δ   (filter_update_)
         h_u = (1 + β exp(−λ/σ)) (per-eigencomponent learning rates) × h_learned (on U_k)
-        Δ_{t} ← Δ (kept on a skipped step)                                                filters.remember_update
+        Δ_{t} ← Δ (kept on a skipped step)                                    (filters.remember_update)
 
 A step the module skips (a non-finite gradient) leaves everything unchanged: the EMAs, h_learned and Δ_{t−1}
 move through ``torch.where`` on the device flag, and the optimizer leaves Θ as it was (Δ = 0, mapped to 0).
@@ -42,7 +42,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-from torch import Tensor
 
 from speclora.model.lora import lora_modules
 from speclora.spectral.callback_logs import log_step

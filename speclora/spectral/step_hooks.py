@@ -3,8 +3,9 @@
 The update filter acts on the optimizer's update Δ = Θ_after − Θ_before (``filters.filter_update_``). It runs
 as a step post-hook (``torch.optim.Optimizer.register_step_post_hook``) of the trainer's optimizer, so that
 ``optimizer.step()`` returns with the filtered Θ: the method's ``after_optimizer_step``, the LR scheduler and
-every later hook see the step's final parameters, and no rewrite of Θ follows the step. Θ_before needs no pre-hook: Lightning calls ``on_before_optimizer_step`` (where the callback takes
-it) inside the optimizer's closure, after the step's pre-hooks and before the update.
+every later hook see the step's final parameters, and no rewrite of Θ follows the step. Θ_before needs no
+pre-hook: Lightning calls ``on_before_optimizer_step`` (where the callback takes it) before the update (inside
+the optimizer's closure; under fp16 AMP before the GradScaler's step).
 
 :class:`StepHooks` holds the handles: :meth:`attach` registers on a fit's optimizers (a resumed run's are new
 objects, so each fit attaches anew) after removing any earlier handles, and :meth:`detach` removes them at
