@@ -292,8 +292,8 @@ class SpecLoRAModule(L.LightningModule):
         def count(module: nn.Module | None) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-        return {"trainable": count(self), "encoder_side": count(self.encoder), "method": count(self.adapted.method_net),
-                "heads": count(self.heads)}
+        return {"trainable": count(self), "encoder_side": count(self.encoder),
+                "method": count(self.adapted.method_net), "heads": count(self.heads)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, out = self.batch_loss(batch)
