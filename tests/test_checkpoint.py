@@ -121,7 +121,7 @@ def test_load_from_checkpoint_rebuilds_every_method_with_its_options(tiny_backbo
     checkpoint = _save(module, tmp_path / "last.ckpt")
     if name == "FullFT":  # the whole encoder is trained: all of it is kept
         assert module._frozen_keys == []
-        assert all(k in checkpoint["state_dict"] for k in module.state_dict() if k.startswith("encoder."))
+        assert all(k in checkpoint["state_dict"] for k in module.state_dict() if k.startswith("adapted.encoder."))
     else:  # every frozen backbone weight is left out, every trained tensor kept
         assert len(module._frozen_keys) == _backbone_tensors(tiny_backbone)
         assert not any(k in checkpoint["state_dict"] for k in module._frozen_keys)

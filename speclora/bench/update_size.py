@@ -46,7 +46,7 @@ def adapters(module) -> list[tuple[Any, torch.Tensor, torch.Tensor]]:
         raise ValueError(f"--method {module.method_name}: no speclora multi-task LoRA layer in the encoder; the "
                          "probe reads those (or HyperFormer's generated matrices)")
     if module.method_name == "hyperformer":
-        return [(layer, A, B) for layer, (A, B) in zip(layers, module.method.generate(module), strict=True)]
+        return [(layer, A, B) for layer, (A, B) in zip(layers, module.method.generate(module.adapted), strict=True)]
     return [(layer, layer.lora_A, layer.lora_B) for layer in layers]
 
 

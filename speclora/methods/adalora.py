@@ -41,6 +41,7 @@ from torch import Tensor
 from speclora.backbone import resolve_backbone
 from speclora.checks import check_int, is_int_in
 from speclora.methods.base import Method
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -181,18 +182,18 @@ class AdaLoRA(Method):
             )
         return init_r, target_r
 
-    def build(self, module: SpecLoRAModule) -> None:
-        """Wrap ``module.encoder`` in place with peft's AdaLoRA layers (no ``inject_lora``, no router)."""
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        """Wrap ``inputs.encoder`` in place with peft's AdaLoRA layers (no ``inject_lora``, no router)."""
         from peft import AdaLoraConfig, get_peft_model
 
-        cfg = module.lora_cfg
+        cfg = inputs.lora
         init_r, target_r = self.ranks(cfg.r)
         config = AdaLoraConfig(
             init_r=init_r,
             target_r=target_r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules=list(module.targets),
+            target_modules=list(inputs.targets),
             tinit=0,
             tfinal=0,
             deltaT=self.deltaT,
@@ -200,13 +201,13 @@ class AdaLoRA(Method):
             beta2=self.beta2,
             orth_reg_weight=self.orth_reg_weight,
             total_step=_UNSET_TOTAL,
-            base_model_name_or_path=resolve_backbone(module.backbone_name),
+            base_model_name_or_path=resolve_backbone(inputs.backbone),
         )
         with torch.random.fork_rng(devices=[]):  # peft draws A, E, B from the global RNG: pin it to init_seed
             torch.manual_seed(cfg.init_seed)
-            self._peft = get_peft_model(module.encoder, config, adapter_name=ADAPTER_NAME)
-        module.router, module.slots = None, []
+            self._peft = get_peft_model(inputs.encoder, config, adapter_name=ADAPTER_NAME)
         self._scheduled = False
+        return AdaptedEncoder(self, inputs)
 
     @property
     def peft_model(self) -> PeftModel:

@@ -34,6 +34,7 @@ from speclora.methods.task_grads import (
     replace_batch_gradient,
 )
 from speclora.methods.weighting import cagrad_coefficients, conflict_share, nash_coefficients
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import lora_modules
 from speclora.tasks import TaskSpec
 
@@ -80,25 +81,25 @@ class GradientCombination(Method):
                 f"{len(specs)}: {[s.name for s in specs]}; give two or more tasks, or use method Single"
             )
 
-    def build(self, module: SpecLoRAModule) -> None:
-        super().build(module)
-        params, layers = [], [layer for _, layer in lora_modules(module.encoder)]
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        adapted = super().build(inputs)
+        params, layers = [], [layer for _, layer in lora_modules(adapted.encoder)]
         for layer in layers:
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
-        module.task_grads = TaskGradients(params)
-        if self.task_grads == "rows":
-            module.task_grads.rows = RowGradients(layers)
+        rows = RowGradients(layers) if self.task_grads == "rows" else None
+        adapted.work = TaskGradients(params, rows=rows)  # the step's per-task gradients, between its hooks
+        return adapted
 
-    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
         """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
         a training step; evaluation runs without them)."""
         if self.task_grads == "rows" and torch.is_grad_enabled():
-            module.task_grads.rows.arm(batch["seq_task"], len(module.specs))
+            adapted.work.rows.arm(batch["seq_task"], adapted.num_tasks)
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs) -> dict[str, Tensor]:
         """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch; adds no loss term."""
-        state: TaskGradients = module.task_grads
+        state: TaskGradients = module.adapted.work
         if self.task_grads == "rows":  # the gradients come with the module's backward
             state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
             return {}
@@ -108,7 +109,7 @@ class GradientCombination(Method):
 
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t β_t g_t, from the rank-averaged per-task gradients."""
-        state: TaskGradients = module.task_grads
+        state: TaskGradients = module.adapted.work
         if self.task_grads == "rows":
             state.grads = state.rows.disarm()
         if state.grads is None or state.present is None:

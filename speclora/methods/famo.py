@@ -16,7 +16,8 @@ In the harness, on a step over a batch holding the tasks S_k:
 The log-loss decrease of the step k−1 → k is measured on the next batch, when its losses are known anyway:
 no extra forward, no per-task backward (the paper's "O(1) space and time"; its reference script re-evaluates
 the same batch after the step instead, one more forward). All state (ξ, the Adam moments, last step's log-losses)
-lives in buffers of ``module.famo_state``: it moves with the module and is saved in checkpoints.
+lives in buffers of the adapted encoder's ``method_state`` (a FAMOState): it moves with the module and is saved in
+checkpoints.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from speclora.methods.base import Method
 from speclora.methods.weighting import adam_update, famo_logit_grad, famo_weights
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
@@ -107,17 +109,18 @@ class FAMO(Method):
             raise ValueError(f"model.method=FAMO weighs tasks against each other but data.tasks has {len(specs)}: "
                              f"{[s.name for s in specs]}; give two or more tasks, or use method Single")
 
-    def build(self, module: SpecLoRAModule) -> None:
-        if module.loss_weights != "uniform":
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        if inputs.loss_weights != "uniform":
             raise ValueError(f"model.method=FAMO learns the task weights itself; model.loss_weights="
-                             f"{module.loss_weights!r} would weigh them twice; allowed with FAMO: 'uniform'")
-        super().build(module)
-        module.famo_state = FAMOState(len(module.specs))
+                             f"{inputs.loss_weights!r} would weigh them twice; allowed with FAMO: 'uniform'")
+        adapted = super().build(inputs)
+        adapted.method_state = FAMOState(inputs.num_tasks)  # buffers: saved in checkpoints
+        return adapted
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs) -> dict[str, Tensor]:
         """Update ξ from the log-loss decrease since the last step, then reweigh: Σ_t (w_t − 1) L_t."""
-        state: FAMOState = module.famo_state
+        state: FAMOState = module.adapted.method_state
         out = outputs.out  # HeadOutput: (T,) task_loss, task_count; no host read below
         losses, present = global_task_losses(out.task_loss, out.task_count)  # (T,), (T,)
         log_loss = torch.log(losses + self.eps)  # (T,) log D_t

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from speclora.backbone import resolve_backbone
 from speclora.methods.base import Method
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -41,19 +42,19 @@ class FullFT(Method):
     def num_adapters(self, num_tasks: int) -> int:
         return 0
 
-    def build(self, module: SpecLoRAModule) -> None:
-        """No LoRA layers (``module.router`` None, ``module.slots`` []); every encoder parameter trainable."""
-        defaults = asdict(type(module.lora_cfg)())
-        changed = {k: v for k, v in asdict(module.lora_cfg).items() if v != defaults[k]}
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        """No LoRA layers (no router, no slots); every encoder parameter trainable."""
+        defaults = asdict(type(inputs.lora)())
+        changed = {k: v for k, v in asdict(inputs.lora).items() if v != defaults[k]}
         if changed:
             given = ", ".join(f"model.lora.{k}={v!r}" for k, v in changed.items())
             raise ValueError(
                 f"{given}: model.method=FullFT has no LoRA layers, so LoRA options would do nothing; "
                 f"leave model.lora at its defaults ({defaults})"
             )
-        module.router, module.slots = None, []
-        for p in module.encoder.parameters():
+        for p in inputs.encoder.parameters():
             p.requires_grad_(True)
+        return AdaptedEncoder(self, inputs)
 
     def adapter_of_task(self, task_index: int) -> int:
         raise ValueError(

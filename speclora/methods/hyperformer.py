@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from speclora.checks import check_int
 from speclora.methods.base import Method
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import LoRASlot, lora_modules
 
 if TYPE_CHECKING:
@@ -161,46 +162,47 @@ class HyperFormer(Method):
         self.init_std = float(init_std)
 
     # ------------------------------------------------------------------ construction
-    def build(self, module: SpecLoRAModule) -> None:
-        super().build(module)  # T stacked adapters per layer: the gather path, and storage for export
-        for _, layer in lora_modules(module.encoder):
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        adapted = super().build(inputs)  # T stacked adapters per layer: the gather path, and storage for export
+        for _, layer in lora_modules(adapted.encoder):
             layer.lora_A.requires_grad_(False)
             layer.lora_B.requires_grad_(False)
-        module.method_net = LoRAHypernetwork(
-            num_tasks=len(module.specs),
-            slots=module.slots,
-            rank=module.lora_cfg.r,
+        adapted.method_net = LoRAHypernetwork(
+            num_tasks=inputs.num_tasks,
+            slots=adapted.slots,
+            rank=inputs.lora.r,
             task_dim=self.task_dim,
             hidden_dim=self.hidden_dim,
             embed_dim=self.embed_dim,
             init_std=self.init_std,
         )
-        hyper = sum(p.numel() for p in module.method_net.parameters())
+        hyper = sum(p.numel() for p in adapted.method_net.parameters())
         rank_zero_info(
-            f"hyperformer: hypernetwork {hyper:,} parameters generate {len(module.specs)} tasks x "
-            f"{len(module.slots)} LoRA slots on {list(module.targets)}"
+            f"hyperformer: hypernetwork {hyper:,} parameters generate {inputs.num_tasks} tasks x "
+            f"{len(adapted.slots)} LoRA slots on {list(adapted.targets)}"
         )
+        return adapted
 
     # ------------------------------------------------------------------ a training step
-    def generate(self, module: SpecLoRAModule) -> list[tuple[Tensor, Tensor]]:
+    def generate(self, adapted: AdaptedEncoder) -> list[tuple[Tensor, Tensor]]:
         """Per slot: (A: (T, r, d_in), B: (T, d_out, r)), every task's generated LoRA."""
-        return module.method_net()
+        return adapted.method_net()
 
-    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
-        module.router.set_weights(self.generate(module))  # once per forward; the layers gather per row
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        adapted.router.set_weights(self.generate(adapted))  # once per forward; the layers gather per row
 
     # ------------------------------------------------------------------ export
-    def materialize(self, module: SpecLoRAModule) -> None:
+    def materialize(self, adapted: AdaptedEncoder) -> None:
         """Write the generated matrices into the layers' (frozen) ``lora_A`` / ``lora_B``."""
         with torch.no_grad():
-            weights = self.generate(module)
-            for (_, layer), (A, B) in zip(lora_modules(module.encoder), weights, strict=True):
+            weights = self.generate(adapted)
+            for (_, layer), (A, B) in zip(lora_modules(adapted.encoder), weights, strict=True):
                 layer.lora_A.copy_(A)  # (T, r, d_in)
                 layer.lora_B.copy_(B)  # (T, d_out, r)
 
     def export(self, module: SpecLoRAModule, out_dir: Path) -> list[Path]:
         """Each task's generated LoRA as a peft folder (plus its head): they are ordinary per-task LoRAs."""
-        self.materialize(module)
+        self.materialize(module.adapted)
         return module.export_peft_adapters(out_dir)
 
     def load(self, module: SpecLoRAModule, in_dir: Path) -> None:

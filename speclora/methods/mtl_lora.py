@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from speclora.methods.base import Method
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import LoRASlot, lora_modules
 from speclora.tasks import TaskSpec
 
@@ -112,33 +113,34 @@ class MTLLoRA(Method):
             raise ValueError(f"model.method=MTLLoRA shares adapters between tasks but data.tasks has {len(specs)}: "
                              f"{[s.name for s in specs]}; give two or more tasks, or use method Single")
 
-    def build(self, module: SpecLoRAModule) -> None:
-        super().build(module)  # T stacked adapters per layer: the gather path, and storage for the export
-        layers = [layer for _, layer in lora_modules(module.encoder)]
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        adapted = super().build(inputs)  # T stacked adapters per layer: the gather path, and storage for the export
+        layers = [layer for _, layer in lora_modules(adapted.encoder)]
         for layer in layers:
             layer.lora_A.requires_grad_(False)
             layer.lora_B.requires_grad_(False)
-        module.method_net = MTLLoRANet(
-            num_tasks=len(module.specs), slots=module.slots, rank=module.lora_cfg.r, num_up=self.num_up,
-            diagonal=self.diagonal, init_A=[layer.lora_A[0] for layer in layers], seed=module.lora_cfg.init_seed,
+        adapted.method_net = MTLLoRANet(
+            num_tasks=inputs.num_tasks, slots=adapted.slots, rank=inputs.lora.r, num_up=self.num_up,
+            diagonal=self.diagonal, init_A=[layer.lora_A[0] for layer in layers], seed=inputs.lora.init_seed,
         )
-        count = sum(p.numel() for p in module.method_net.parameters())
-        rank_zero_info(f"mtl_lora: {count:,} parameters (shared A, {len(module.specs)} task transforms, "
-                       f"{self.num_up} shared B's) on {len(module.slots)} LoRA slots")
+        count = sum(p.numel() for p in adapted.method_net.parameters())
+        rank_zero_info(f"mtl_lora: {count:,} parameters (shared A, {inputs.num_tasks} task transforms, "
+                       f"{self.num_up} shared B's) on {len(adapted.slots)} LoRA slots")
+        return adapted
 
     # ------------------------------------------------------------------ a training step
-    def generate(self, module: SpecLoRAModule) -> list[tuple[Tensor, Tensor]]:
+    def generate(self, adapted: AdaptedEncoder) -> list[tuple[Tensor, Tensor]]:
         """Per slot: (A_t: (T, r, d_in), B_t: (T, d_out, r)), every task's composed LoRA."""
-        return module.method_net(self.temperature)
+        return adapted.method_net(self.temperature)
 
-    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
-        module.router.set_weights(self.generate(module))  # once per forward; the layers gather per row
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        adapted.router.set_weights(self.generate(adapted))  # once per forward; the layers gather per row
 
     # ------------------------------------------------------------------ export
     def export(self, module: SpecLoRAModule, out_dir: Path) -> list[Path]:
         """Each task's composed LoRA (A_t = Λ_t A, B_t = Σ_j w_tj B_j) as a peft folder, plus its head."""
         with torch.no_grad():
-            for (_, layer), (a_t, b_t) in zip(lora_modules(module.encoder), self.generate(module), strict=True):
+            for (_, layer), (a_t, b_t) in zip(lora_modules(module.encoder), self.generate(module.adapted), strict=True):
                 layer.lora_A.copy_(a_t)  # (T, r, d_in)
                 layer.lora_B.copy_(b_t)  # (T, d_out, r)
         return module.export_peft_adapters(out_dir)

@@ -52,6 +52,7 @@ from speclora.methods.mtlora_layers import (
     spectral_weights,
     task_lora_sites,
 )
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import AdapterRouter, LoRASlot, MultiTaskLoRA, matches_target
 from speclora.tasks import TaskSpec
 
@@ -144,10 +145,10 @@ class MTLoRA(Method):
                 f"{[s.name for s in specs]}; give two or more, or use method Single"
             )
 
-    def build(self, module: SpecLoRAModule) -> None:
-        """Wrap the block output modules (or target linears) of ``module.encoder`` with :class:`SpectralTaskLoRA`."""
-        cfg, T = module.lora_cfg, len(module.specs)
-        encoder = module.encoder
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        """Wrap the block output modules (or target linears) of ``inputs.encoder`` with :class:`SpectralTaskLoRA`."""
+        cfg, T = inputs.lora, inputs.num_tasks
+        encoder = inputs.encoder
         if self.block_level:
             if cfg.targets is not None:
                 raise ValueError(
@@ -170,13 +171,13 @@ class MTLoRA(Method):
             linears = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
             dims = []
             for name, lin in linears:
-                target = next((t for t in module.targets if matches_target(name, t)), None)
+                target = next((t for t in inputs.targets if matches_target(name, t)), None)
                 layer = next((int(p) for p in name.split(".") if p.isdigit()), None)
                 if target is not None and layer is not None:
                     dims.append((name, layer, target, lin.in_features, lin.out_features))
             if not dims:
                 raise ValueError(
-                    f"model.lora.targets={list(module.targets)} match no linear in a numbered layer"
+                    f"model.lora.targets={list(inputs.targets)} match no linear in a numbered layer"
                 )
         router = AdapterRouter(T)
         generator = torch.Generator().manual_seed(cfg.init_seed)
@@ -202,7 +203,7 @@ class MTLoRA(Method):
                 encoder, name, BlockWithLoRA(base, delta) if self.block_level else LinearWithLoRA(base, delta)
             )
             slots.append(LoRASlot(name, layer, kind, d_in, d_out))
-        module.router, module.slots = router, slots
+        return AdaptedEncoder(self, inputs, router, slots)
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(

@@ -29,6 +29,7 @@ from speclora.methods.task_grads import (
     replace_batch_gradient,
 )
 from speclora.metrics import conflict_rate
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import lora_modules
 from speclora.tasks import TaskSpec
 
@@ -133,7 +134,7 @@ def draw_orders(num_tasks: int, seed: int, step: int) -> Tensor:
 
 @dataclass
 class OrthoState:
-    """What Ortho keeps on the module between a step's hooks (the method object holds only its config).
+    """Ortho's state between a step's hooks, the adapted encoder's ``work`` (the method keeps its config).
 
     params: the shared LoRA parameters, A and B of every LoRA layer in slot order; kinds: "A"/"B" of each;
     grads: (T, P) this step's per-task gradients of λ_t L_t (rows of absent tasks 0), loss-scaled under AMP;
@@ -189,18 +190,19 @@ class Ortho(Method):
                 f"{len(specs)}: {[s.name for s in specs]}; give two or more tasks, or use method Single"
             )
 
-    def build(self, module: SpecLoRAModule) -> None:
-        super().build(module)
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        adapted = super().build(inputs)
         params, kinds = [], []
-        for _, layer in lora_modules(module.encoder):
+        for _, layer in lora_modules(adapted.encoder):
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
             kinds += ["A", "B"]
-        module.ortho_state = OrthoState(params, kinds)
+        adapted.work = OrthoState(params, kinds)  # the step's per-task gradients, between its hooks
+        return adapted
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
         """Take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no loss term."""
-        state: OrthoState = module.ortho_state
+        state: OrthoState = module.adapted.work
         losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
         # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
         grads, present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
@@ -210,7 +212,7 @@ class Ortho(Method):
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t g_t': the batch's plain contribution replaced by the projected one
         (what earlier micro-batches of a gradient accumulation put in θ.grad is kept)."""
-        state: OrthoState = module.ortho_state
+        state: OrthoState = module.adapted.work
         if state.grads is None:
             return
         grads, present = mean_over_ranks(state.grads, state.present)

@@ -37,7 +37,7 @@ __all__ = ["RowGradients", "TaskGradients", "loss_scale", "mean_over_ranks", "pe
 
 @dataclass
 class TaskGradients:
-    """What a gradient-combining method keeps on the module between a step's hooks.
+    """What a gradient-combining method keeps between a step's hooks (the adapted encoder's ``work``).
 
     params: the shared parameters θ (every LoRA layer's A and B); grads: (T, P) this step's per-task gradients
     (rows of absent tasks 0), loss-scaled under AMP; present: (T,) bool; last: the last step's diagnostics;

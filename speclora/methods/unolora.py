@@ -20,6 +20,7 @@ layer with ReLU; S starts at weight ~ N(0, init_std²), bias 1, so that s ≈ 1 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from speclora.backbone import resolve_backbone
 from speclora.checks import check_int
 from speclora.methods.base import Method
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import DEFAULT_TARGETS, lora_modules
 
 if TYPE_CHECKING:
@@ -180,44 +182,45 @@ class UnoLoRAStar(Method):
     def adapter_of_task(self, task_index: int) -> int:
         return 0
 
-    def build(self, module: SpecLoRAModule) -> None:
-        if module.lora_cfg.targets is None:  # the paper's query and value, unless the run names its targets
-            module.targets = query_value_targets(module.encoder.config.model_type)
-        super().build(module)  # one shared LoRA on every target
-        embeddings = module.encoder.get_input_embeddings()
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        if inputs.lora.targets is None:  # the paper's query and value, unless the run names its targets
+            inputs = replace(inputs, targets=query_value_targets(inputs.encoder.config.model_type))
+        adapted = super().build(inputs)  # one shared LoRA on every target
+        embeddings = adapted.encoder.get_input_embeddings()
         if not isinstance(embeddings, nn.Embedding):
             raise ValueError(
                 f"model.method=UnoLoRAStar encodes a sample by its mean input embedding, but the backbone's "
                 f"input embeddings are a {type(embeddings).__name__}, not an nn.Embedding"
             )
-        module.method_net = SharedHypernetwork(
-            num_tasks=len(module.specs),
-            num_positions=len(module.slots),
+        adapted.method_net = SharedHypernetwork(
+            num_tasks=inputs.num_tasks,
+            num_positions=len(adapted.slots),
             sample_dim=embeddings.embedding_dim,
-            rank=module.lora_cfg.r,
+            rank=inputs.lora.r,
             task_dim=self.task_dim,
             hidden_dim=self.hidden_dim,
             bottleneck_dim=self.bottleneck_dim,
             embed_dim=self.embed_dim,
             init_std=self.init_std,
         )
-        lora = sum(p.numel() for _, m in lora_modules(module.encoder) for p in (m.lora_A, m.lora_B))
-        hyper = sum(p.numel() for p in module.method_net.parameters())
+        lora = sum(p.numel() for _, m in lora_modules(adapted.encoder) for p in (m.lora_A, m.lora_B))
+        hyper = sum(p.numel() for p in adapted.method_net.parameters())
         rank_zero_info(
-            f"unolora_star: shared LoRA {lora:,} parameters on {list(module.targets)}, hypernetwork {hyper:,}"
+            f"unolora_star: shared LoRA {lora:,} parameters on {list(adapted.targets)}, hypernetwork {hyper:,}"
         )
+        return adapted
 
     # ------------------------------------------------------------------ a training step
-    def scales(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> Tensor:
+    def scales(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> Tensor:
         """(S, N, r): s_{k,n} for every LoRA slot k and batch row n, in one hypernetwork call."""
         sample = mean_token_embedding(
-            module.encoder.get_input_embeddings(), batch["input_ids"], batch["attention_mask"]
+            adapted.encoder.get_input_embeddings(), batch["input_ids"], batch["attention_mask"]
         )  # (N, d_s)
-        dtype = next(module.method_net.parameters()).dtype  # a bf16 frozen encoder feeds an fp32 hypernetwork
-        return module.method_net(batch["seq_task"], sample.to(dtype))  # (S, N, r)
+        dtype = next(adapted.method_net.parameters()).dtype  # a bf16 frozen encoder feeds an fp32 hypernetwork
+        return adapted.method_net(batch["seq_task"], sample.to(dtype))  # (S, N, r)
 
-    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
-        module.router.set_scales(self.scales(module, batch))
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        adapted.router.set_scales(self.scales(adapted, batch))
 
     # ------------------------------------------------------------------ export
     def export(self, module: SpecLoRAModule, out_dir: Path) -> list[Path]:
@@ -226,7 +229,7 @@ class UnoLoRAStar(Method):
         for name, layer in lora_modules(module.encoder):
             tensors[f"lora.{name}.lora_A"] = layer.lora_A[0].detach().cpu().contiguous()  # (r, d_in)
             tensors[f"lora.{name}.lora_B"] = layer.lora_B[0].detach().cpu().contiguous()  # (d_out, r)
-        for key, value in module.method_net.state_dict().items():
+        for key, value in module.adapted.method_net.state_dict().items():
             tensors[f"hypernet.{key}"] = value.detach().cpu().contiguous()
         config = {
             "format": EXPORT_FORMAT,
@@ -294,7 +297,7 @@ def import_unolora_star(module: SpecLoRAModule, in_dir: str | Path) -> None:
         module.heads.load_head(t, folder)
     assert weights is not None  # tasks is never empty (resolve_tasks)
     hyper = {k.removeprefix("hypernet."): v for k, v in weights.items() if k.startswith("hypernet.")}
-    module.method_net.load_state_dict(hyper)
+    module.adapted.method_net.load_state_dict(hyper)
     with torch.no_grad():
         for name, layer in lora_modules(module.encoder):
             layer.lora_A[0].copy_(weights[f"lora.{name}.lora_A"])  # (r, d_in)

@@ -5,22 +5,26 @@ This is the interface the module is handed (``SpecLoRAModule(method=...)``); the
 base class's hooks are the plain per-task LoRA arrangement (``Independent``), so a module built without a
 method trains per-task adapters with no coupling. ``speclora.methods.base.Method`` is this same class.
 
-A method decides how adapters are built and routed, what it adds to the loss, and what it does to the
-gradients; the LightningModule (speclora.model.module) owns the encoder, heads, metrics and the loop.
+A method builds the adapted encoder (speclora.model.adapted: the frozen encoder with its adapter layers,
+router, slots, sub-networks and working state) and decides how rows are routed, what it adds to the loss and
+what it does to the gradients; the LightningModule (speclora.model.module) is handed the adapted encoder and
+owns the heads, metrics and the loop. A method writes nothing onto the LightningModule.
 Methods are configured by class in YAML (``model.method: Shared``, or
 ``{class_path: speclora.methods.Ortho, init_args: {...}}``); their constructor arguments are the config.
 
 Hooks, in the order a training step calls them::
 
-    build(module)                       once, in the module's constructor
-    route(module, batch) -> (N,) index  adapter of each sequence (None: the layer has one adapter)
-    before_encode(module, batch)        e.g. set per-row scales on the router
+    build(inputs) -> AdaptedEncoder     once, in the module's constructor (BuildInputs: encoder, tasks, lora)
+    route(adapted, batch) -> (N,) index  adapter of each sequence (None: the layer has one adapter)
+    before_encode(adapted, batch)       e.g. set per-row scales on the router
     extra_losses(module, batch, outputs) -> {name: weighted term}, added to Σ_t λ_t L_t
     after_backward(module, per_task_losses)  e.g. replace the gradients of shared parameters
     after_optimizer_step(module)        after the step, gradients still held (e.g. AdaLoRA's rank allocation)
 
 with ``on_fit_start(module)`` once before the first step (the trainer's step budget is known), and,
-outside training, ``export(module, out_dir)`` / ``load(module, in_dir)`` for the adapters' files.
+outside training, ``export(module, out_dir)`` / ``load(module, in_dir)`` for the adapters' files. The hooks
+that take the module read the loop's state from it (task weights, global step, trainer, logging) and the
+method's own parts from ``module.adapted`` (its ``method_net``, ``method_state``, ``work``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
 
+from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import inject_lora
 from speclora.tasks import TaskSpec
 
@@ -52,21 +57,22 @@ class Method:
     def check(self, specs: list[TaskSpec]) -> None:
         """Refuse task lists the method cannot train (raise ValueError naming the problem)."""
 
-    def build(self, module: SpecLoRAModule) -> None:
-        """Adapt the frozen ``module.encoder``; sets ``module.router`` and ``module.slots``."""
-        cfg = module.lora_cfg
-        module.router, module.slots = inject_lora(
-            module.encoder, module.targets, self.num_adapters(len(module.specs)), cfg.r, cfg.alpha, cfg.dropout,
+    def build(self, inputs: BuildInputs) -> AdaptedEncoder:
+        """The frozen ``inputs.encoder`` adapted in place: ``num_adapters`` stacked LoRAs on every target."""
+        cfg = inputs.lora
+        router, slots = inject_lora(
+            inputs.encoder, inputs.targets, self.num_adapters(inputs.num_tasks), cfg.r, cfg.alpha, cfg.dropout,
             seed=cfg.init_seed,
         )
+        return AdaptedEncoder(self, inputs, router, slots)
 
     # ------------------------------------------------------------------ a training step
-    def route(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> Tensor | None:
+    def route(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> Tensor | None:
         """(N,) adapter index of each sequence; None when the layers hold a single adapter."""
-        return batch["seq_task"] if self.num_adapters(len(module.specs)) > 1 else None
+        return batch["seq_task"] if self.num_adapters(adapted.num_tasks) > 1 else None
 
-    def before_encode(self, module: SpecLoRAModule, batch: dict[str, Tensor]) -> None:
-        """Prepare anything the adapted forward needs besides the routing."""
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        """Prepare anything the adapted forward needs besides the routing (on ``adapted.router``, ...)."""
 
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
         """Weighted terms added to the task losses (logged as ``train/<name>``)."""

@@ -30,9 +30,10 @@ from speclora.checkpoint import (
     with_entries,
 )
 from speclora.metrics import TaskMetrics, suite_average
+from speclora.model.adapted import AdaptedEncoder, BuildInputs, upgrade_state_dict
 from speclora.model.config import LoRAConfig, OptimConfig, config_from
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
-from speclora.model.lora import AdapterRouter, LoRASlot, resolve_targets
+from speclora.model.lora import resolve_targets
 from speclora.model.method import Method, resolve_method
 from speclora.model.optim import adamw_with_schedule
 from speclora.model.step import (
@@ -40,7 +41,6 @@ from speclora.model.step import (
     NonFiniteGuard,
     TrainLog,
     cast_frozen,
-    encoder_attention_mask,
     set_tf32,
     supports_found_inf,
 )
@@ -71,6 +71,9 @@ class SpecLoRAModule(L.LightningModule):
             weights' memory and runs the matmuls on bf16 tensor cores, with no per-step weight cast (unlike
             ``trainer.precision=bf16-mixed``, which casts the frozen weights at every step).
         tf32: let float32 matmuls use TF32 tensor cores on a CUDA GPU that has them (Ampere and later).
+
+    The method builds the adapted encoder (speclora.model.adapted) in the constructor, and the module holds
+    it as ``adapted``; ``encoder``, ``router``, ``slots`` and ``targets`` read its parts.
 
     ``method``, ``lora`` and ``optim`` also take the plain dicts a checkpoint's hyperparameters hold, so
     ``SpecLoRAModule.load_from_checkpoint(path)`` rebuilds any method with its options. Checkpoints leave the
@@ -108,7 +111,6 @@ class SpecLoRAModule(L.LightningModule):
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
                                    "head_dropout": head_dropout, "loss_weights": loss_weights,
                                    "encoder_dtype": encoder_dtype, "tf32": tf32})
-        self.method = method
         self.method_name = method.name
         self.lora_cfg = lora
         self.optim_cfg = optim
@@ -118,18 +120,20 @@ class SpecLoRAModule(L.LightningModule):
 
         from transformers import AutoModel
 
-        self.encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
-        self.encoder.train()  # from_pretrained returns eval mode; training uses the encoder's own dropout
+        encoder = AutoModel.from_pretrained(resolve_backbone(backbone))
+        encoder.train()  # from_pretrained returns eval mode; training uses the encoder's own dropout
         # what lean checkpoints name instead of storing the frozen weights (speclora.checkpoint)
-        self.backbone_identity = {"backbone": backbone, "sha256": backbone_fingerprint(self.encoder.state_dict())}
-        backbone_params = list(self.encoder.parameters())
+        self.backbone_identity = {"backbone": backbone, "sha256": backbone_fingerprint(encoder.state_dict())}
+        backbone_params = list(encoder.parameters())
         for p in backbone_params:
             p.requires_grad_(False)
-        self.targets = resolve_targets(self.encoder.config.model_type, lora.targets)
-        self.router: AdapterRouter | None = None
-        self.slots: list[LoRASlot] = []
-        self.method_net: nn.Module | None = None  # a method's own trainable modules (hypernetworks...)
-        method.build(self)
+        targets = resolve_targets(encoder.config.model_type, lora.targets)
+        # the method builds the adapted encoder and the module is handed it (speclora.model.adapted)
+        adapted = method.build(BuildInputs(encoder, self.specs, lora, targets, backbone, loss_weights))
+        if not isinstance(adapted, AdaptedEncoder) or adapted.encoder is not encoder:
+            raise TypeError(f"{type(method).__name__}.build must return an AdaptedEncoder of the encoder it is "
+                            f"given, got {type(adapted).__name__}")
+        self.adapted = adapted
         self._frozen_keys = frozen_keys(self, backbone_params)  # what checkpoints leave out (full_ft: nothing)
         self.encoder_dtype = encoder_dtype
         self.tf32 = tf32
@@ -153,24 +157,17 @@ class SpecLoRAModule(L.LightningModule):
         self._guard = NonFiniteGuard()
         self.last_step_skipped: bool | None = None  # set where the module reads the step's flag on the host
 
+    # ------------------------------------------------------------------ the adapted encoder's parts (read-only)
+    method = property(lambda self: self.adapted.method, doc="the method that built the adapted encoder")
+    encoder = property(lambda self: self.adapted.encoder, doc="the HF encoder with the method's adapter layers")
+    router = property(lambda self: self.adapted.router, doc="the AdapterRouter of the LoRA layers (or None)")
+    slots = property(lambda self: self.adapted.slots, doc="the LoRA slots, in model order")
+    targets = property(lambda self: self.adapted.targets, doc="the LoRA target suffixes adapted")
+
     # ------------------------------------------------------------------ forward
     def encode(self, batch: dict[str, Tensor]) -> Tensor:
         """Run the adapted encoder on every sequence of the batch; returns (N, H) float32 pooled vectors."""
-        if self.router is not None:
-            index = self.method.route(self, batch)  # (N,) adapter of each row, or None
-            # the collator's present_tasks are the distinct values of seq_task: range-checked on the host
-            known = batch.get("present_tasks") if index is not None and index is batch.get("seq_task") else None
-            self.router.set(index, known_ids=known)
-        self.method.before_encode(self, batch)
-        try:
-            hidden = self.encoder(
-                input_ids=batch["input_ids"],
-                attention_mask=encoder_attention_mask(self.encoder, batch["attention_mask"]),
-                token_type_ids=batch.get("token_type_ids"),
-            ).last_hidden_state  # (N, L, H)
-        finally:
-            if self.router is not None:
-                self.router.set(None)
+        hidden = self.adapted(batch)  # (N, L, H): routed, the encoder run once (speclora.model.adapted)
         hidden = hidden.float()  # (N, L, H): pooling and heads in float32 whatever the encoder's dtype
         if self.pooling == "cls":
             return hidden[:, 0]  # (N, H)
@@ -295,8 +292,8 @@ class SpecLoRAModule(L.LightningModule):
         def count(module: nn.Module | None) -> int:
             return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-        return {"trainable": count(self), "encoder_side": count(self.encoder), "method": count(self.method_net),
-                "heads": count(self.heads)}
+        return {"trainable": count(self), "encoder_side": count(self.encoder),
+                "method": count(self.adapted.method_net), "heads": count(self.heads)}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         loss, out = self.batch_loss(batch)
@@ -399,6 +396,7 @@ class SpecLoRAModule(L.LightningModule):
         """``nn.Module.load_state_dict`` that accepts lean checkpoints (speclora.checkpoint): the frozen backbone
         tensors they leave out are this module's own, once the saved backbone fingerprint matches; any other
         missing key still fails a strict load."""
+        state_dict = upgrade_state_dict(state_dict)  # keys of checkpoints written before ``adapted`` (5d18424)
         state_dict = restore_frozen(self, state_dict, self._frozen_keys, self.backbone_identity)
         if IDENTITY_KEY not in state_dict:  # written before checkpoints named their backbone (and held all of it)
             state_dict = with_entries(state_dict, {IDENTITY_KEY: self.get_extra_state()})
@@ -417,7 +415,7 @@ class SpecLoRAModule(L.LightningModule):
     def configure_optimizers(self):
         # a method's own trainable modules (hypernetworks) learn at the adapters' rate (speclora.model.optim)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        return adamw_with_schedule(self.optim_cfg, self.encoder, self.heads, self.method_net, total)
+        return adamw_with_schedule(self.optim_cfg, self.encoder, self.heads, self.adapted.method_net, total)
 
     # ------------------------------------------------------------------ adapters in peft format
     def export_adapters(self, out_dir: str | Path) -> list[Path]:

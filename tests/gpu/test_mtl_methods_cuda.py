@@ -29,9 +29,9 @@ def test_method_fits_on_cuda(method, precision, tiny_backbone, data_root, tmp_pa
     assert all(p.is_cuda and torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
     assert all(b.is_cuda for b in model.buffers())
     if method == "famo":
-        assert int(model.famo_state.step) >= 1 and torch.isfinite(model.famo_state.logits).all()
+        assert int(model.adapted.method_state.step) >= 1 and torch.isfinite(model.adapted.method_state.logits).all()
     if method in ("cagrad", "nash_mtl"):
-        last = model.task_grads.last  # the last step's combination (None: that batch held one task)
+        last = model.adapted.work.last  # the last step's combination (None: that batch held one task)
         assert last is None or "skipped" in last or bool(torch.isfinite(torch.tensor(last["beta"])).all())
     assert torch.isfinite(cli.trainer.callback_metrics["val/average"])
     folders = model.export_adapters(tmp_path / "export")

@@ -12,7 +12,7 @@ from tests.cli_args import fit_args
 
 class _Snapshot(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
-        self.before = {k: v.detach().clone() for k, v in pl_module.method_net.state_dict().items()}
+        self.before = {k: v.detach().clone() for k, v in pl_module.adapted.method_net.state_dict().items()}
 
 
 def _fit(tiny_backbone, data_root, root: Path, cache: Path, *configs: str, extra=()):

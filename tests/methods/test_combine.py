@@ -177,7 +177,7 @@ def _module(tiny_backbone: str, method) -> SpecLoRAModule:
                          ids=["cagrad", "nash", "nash-clipped", "cagrad-backward", "nash-backward"])
 def test_a_step_writes_the_combination_into_the_shared_lora(tiny_backbone, batch, method):
     module = _module(tiny_backbone, method)
-    params = module.task_grads.params
+    params = module.adapted.work.params
     assert len(params) == 2 * len(lora_modules(module.encoder)) and all(p.shape[0] == 1 for p in params)
     heads = list(module.heads.parameters())
 
@@ -207,7 +207,7 @@ def test_a_step_writes_the_combination_into_the_shared_lora(tiny_backbone, batch
     assert torch.allclose(got, want, atol=1e-6, rtol=1e-4)
     for p, ref in zip(heads, head_ref):  # the heads keep their plain gradients
         assert torch.allclose(p.grad, ref, atol=1e-6, rtol=1e-4)
-    assert module.task_grads.grads is None and module.task_grads.last["tasks"] == [0, 1, 2]
+    assert module.adapted.work.grads is None and module.adapted.work.last["tasks"] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("config", ["cagrad", "nash_mtl"])
@@ -250,7 +250,7 @@ def test_row_gradients_of_a_layer_by_hand():
 def test_rows_and_backward_give_the_same_per_task_gradients_with_dropout(tiny_backbone, batch):
     """In training mode (encoder and LoRA dropout on): the per-row sums equal one autograd.grad per task."""
     module = _module(tiny_backbone, NashMTL(max_norm=0.0)).train()
-    state = module.task_grads
+    state = module.adapted.work
     torch.manual_seed(3)
     loss = module.training_step(batch, 0)
     loss.backward()

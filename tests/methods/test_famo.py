@@ -133,7 +133,7 @@ def test_a_step_minimises_the_famo_weighted_loss_and_the_next_updates_the_logits
     torch.manual_seed(0)
     module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=FAMO(adapters=adapters, lr=0.1)).eval()
     assert module.router.num_adapters == (1 if adapters == "shared" else 3)
-    state = module.famo_state
+    state = module.adapted.method_state
     _, out = module.batch_loss(batch)
     losses = out.task_loss.detach()  # (T,) all three tasks are present
     assert bool((out.task_count > 0).all())
@@ -162,14 +162,15 @@ def test_a_step_minimises_the_famo_weighted_loss_and_the_next_updates_the_logits
 
 def test_state_is_saved_and_restored(tiny_backbone):
     module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="famo")
-    module.famo_state.logits.copy_(torch.tensor([0.1, -0.2, 0.3]))
-    module.famo_state.step.fill_(5)
-    state = {k: v for k, v in module.state_dict().items() if k.startswith("famo_state.")}
-    assert set(state) == {f"famo_state.{n}" for n in ("logits", "exp_avg", "exp_avg_sq", "prev_log_loss", "weights",
-                                                      "step", "prev_present")}
+    module.adapted.method_state.logits.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    module.adapted.method_state.step.fill_(5)
+    state = {k: v for k, v in module.state_dict().items() if k.startswith("adapted.method_state.")}
+    assert set(state) == {f"adapted.method_state.{n}" for n in ("logits", "exp_avg", "exp_avg_sq", "prev_log_loss",
+                                                                "weights", "step", "prev_present")}
     other = SpecLoRAModule(TASKS, backbone=tiny_backbone, method="famo")
     other.load_state_dict(module.state_dict())
-    assert other.famo_state.logits.tolist() == pytest.approx([0.1, -0.2, 0.3]) and int(other.famo_state.step) == 5
+    restored = other.adapted.method_state
+    assert restored.logits.tolist() == pytest.approx([0.1, -0.2, 0.3]) and int(restored.step) == 5
 
 
 # ---------------------------------------------------------------- the CLI, 3 steps
@@ -182,7 +183,7 @@ def test_famo_runs_from_the_cli(tiny_backbone, data_root, cache, tmp_path):
     metrics = cli.trainer.callback_metrics
     for key in ("train/loss", "train/famo_reweighting", "val/average"):
         assert key in metrics, f"{key} not logged; logged: {sorted(metrics)}"
-    state = cli.model.famo_state
+    state = cli.model.adapted.method_state
     assert int(state.step) >= 1 and bool(state.logits.ne(0).any())  # the logits learned from steps 2 and 3
     folders = cli.model.export_adapters(tmp_path / "export")
     assert len(folders) == 3 and all((f / "adapter_config.json").is_file() for f in folders)

@@ -33,7 +33,7 @@ def _randomise(module: SpecLoRAModule, seed: int = 1) -> None:
     """Non-zero B generators (they start at 0), so that every generated B differs."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gen in module.method_net.gen_B:
+        for gen in module.adapted.method_net.gen_B:
             gen.weight.copy_(torch.randn(gen.weight.shape, generator=g) * 0.1)
             gen.bias.copy_(torch.randn(gen.bias.shape, generator=g) * 0.1)
 
@@ -49,7 +49,7 @@ def _batch(n: int = 6, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor
 def _hidden(module: SpecLoRAModule, batch: dict[str, torch.Tensor], task: torch.Tensor) -> torch.Tensor:
     """(N, L, H) last hidden state, row n through task ``task[n]``'s generated LoRA."""
     module.router.set(task)
-    module.router.set_weights(module.method.generate(module))
+    module.router.set_weights(module.method.generate(module.adapted))
     try:
         with torch.no_grad():
             return module.encoder(
@@ -63,7 +63,7 @@ def test_generated_matrices_differ_per_task_layer_and_module(tiny_backbone):
     module = _module(tiny_backbone)
     _randomise(module)
     with torch.no_grad():
-        weights = module.method.generate(module)  # per slot: (T, r, d_in), (T, d_out, r)
+        weights = module.method.generate(module.adapted)  # per slot: (T, r, d_in), (T, d_out, r)
     assert len(weights) == len(module.slots) == 8
     for A, B in weights:
         assert A.shape == (3, R, 32) and B.shape == (3, 32, R)
@@ -81,7 +81,7 @@ def test_generated_matrices_differ_per_task_layer_and_module(tiny_backbone):
 def test_b_starts_at_zero_so_the_model_starts_as_the_backbone(tiny_backbone):
     module = _module(tiny_backbone)
     batch = _batch()
-    for _, B in module.method.generate(module):
+    for _, B in module.method.generate(module.adapted):
         assert torch.count_nonzero(B) == 0
     backbone = AutoModel.from_pretrained(tiny_backbone).eval()
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_b_starts_at_zero_so_the_model_starts_as_the_backbone(tiny_backbone):
 def test_generated_a_starts_like_loras_a(tiny_backbone):
     # LoRA's A is kaiming-uniform (a = sqrt 5): U(-1/sqrt(d_in), 1/sqrt(d_in)), std 1/sqrt(3 d_in); d_in = 32
     module = _module(tiny_backbone)
-    A = torch.stack([A for A, _ in module.method.generate(module)])  # (S, T, r, d_in)
+    A = torch.stack([A for A, _ in module.method.generate(module.adapted)])  # (S, T, r, d_in)
     lora = SpecLoRAModule(TASKS, backbone=tiny_backbone, lora=LoRAConfig(r=R, alpha=ALPHA, dropout=0.0))
     lora_A = torch.stack([layer.lora_A for _, layer in lora_modules(lora.encoder)])  # (S, T, r, d_in)
     assert float(A.std()) == pytest.approx(1 / math.sqrt(3 * 32), rel=0.15)
@@ -119,7 +119,7 @@ def _generated_or_own_B(module: SpecLoRAModule) -> list[torch.Tensor]:
     """Per slot: the B of every task, (T, d_out, r): generated (HyperFormer) or the layer's parameter."""
     with torch.no_grad():
         if module.method_name == "hyperformer":
-            return [B.clone() for _, B in module.method.generate(module)]
+            return [B.clone() for _, B in module.method.generate(module.adapted)]
         return [layer.lora_B.detach().clone() for _, layer in lora_modules(module.encoder)]
 
 
@@ -153,7 +153,7 @@ def test_the_generated_update_grows_at_a_loras_pace_and_the_loss_drops_as_fast(t
         losses = [_toy_step(module, opt, batch, target) for _ in range(15)]
         layers = [layer for _, layer in lora_modules(module.encoder)]
         with torch.no_grad():
-            weights = (module.method.generate(module) if method.name == "hyperformer"
+            weights = (module.method.generate(module.adapted) if method.name == "hyperformer"
                        else [(layer.lora_A, layer.lora_B) for layer in layers])
             # ‖ΔW_t‖ / ‖W‖ = ‖(alpha/r) B_t A_t‖ / ‖W‖, mean over tasks and layers
             rel = [(layer.scaling * B @ A).flatten(1).norm(dim=1) / layer.base.weight.norm()
@@ -170,10 +170,10 @@ def test_from_the_second_step_every_hypernetwork_tensor_gets_gradient(tiny_backb
     batch, target = _batch(), torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
     opt = torch.optim.AdamW(_adapter_params(module), lr=1e-3)
     _toy_step(module, opt, batch, target)
-    first = {n for n, p in module.method_net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    first = {n for n, p in module.adapted.method_net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert first == {"gen_B.0.weight", "gen_B.0.bias"}
     _toy_step(module, opt, batch, target)
-    for name, p in module.method_net.named_parameters():
+    for name, p in module.adapted.method_net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
@@ -181,7 +181,7 @@ def test_one_generation_per_forward_and_a_per_row_gather(tiny_backbone):
     module = _module(tiny_backbone)
     _randomise(module)
     calls = []
-    module.method_net.register_forward_hook(lambda *_: calls.append(1))
+    module.adapted.method_net.register_forward_hook(lambda *_: calls.append(1))
     value = module.encoder.encoder.layer[1].attention.self.value
     seen = {}
     value.register_forward_hook(lambda mod, inputs, out: seen.update(x=inputs[0], y=out))
@@ -189,7 +189,7 @@ def test_one_generation_per_forward_and_a_per_row_gather(tiny_backbone):
     with torch.no_grad():
         module.encode(batch)
         assert len(calls) == 1  # once per forward, not per row or layer
-        A, B = module.method.generate(module)[6]  # layer 1 value: (T, r, d_in), (T, d_out, r)
+        A, B = module.method.generate(module.adapted)[6]  # layer 1 value: (T, r, d_in), (T, d_out, r)
     for n, t in enumerate(batch["seq_task"].tolist()):
         merged = value.base.weight + ALPHA / R * B[t] @ A[t]  # (d_out, d_in) = W + (alpha/r) B_t A_t
         torch.testing.assert_close(
@@ -201,10 +201,10 @@ def test_one_generation_per_forward_and_a_per_row_gather(tiny_backbone):
 def test_only_the_hypernetwork_and_heads_train(tiny_backbone):
     module = _module(tiny_backbone)
     _randomise(module)
-    trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
+    trainable = {n.removeprefix("adapted.").split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"method_net", "heads"}
     module.encode(_batch()).pow(2).sum().backward()
-    net = module.method_net
+    net = module.adapted.method_net
     for name, p in [
         *net.projector.named_parameters(),
         *net.gen_A.named_parameters(),
@@ -260,8 +260,8 @@ def test_mixed_shapes_get_their_own_generators(tiny_backbone):
     module = _module(
         tiny_backbone, LoRAConfig(r=R, alpha=ALPHA, dropout=0.0, targets=["query", "intermediate.dense"])
     )
-    assert module.method_net.shapes == [(32, 32), (32, 64)]
-    shapes = [(A.shape, B.shape) for A, B in module.method.generate(module)]
+    assert module.adapted.method_net.shapes == [(32, 32), (32, 64)]
+    shapes = [(A.shape, B.shape) for A, B in module.method.generate(module.adapted)]
     assert shapes == [((3, R, 32), (3, 32, R)), ((3, R, 32), (3, 64, R))] * 2
     with torch.no_grad():
         module.encode(_batch())
@@ -277,8 +277,8 @@ def _check_fit(cli, snapshot, out: Path) -> None:
     assert cli.trainer.global_step == 2 and cli.model.method_name == "hyperformer"
     groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
     assert "adapters" not in groups  # the layers' own A/B are frozen storage
-    assert {id(p) for p in groups["method"]["params"]} == {id(p) for p in cli.model.method_net.parameters()}
-    after = cli.model.method_net.state_dict()
+    assert {id(p) for p in groups["method"]["params"]} == {id(p) for p in cli.model.adapted.method_net.parameters()}
+    after = cli.model.adapted.method_net.state_dict()
     assert not torch.equal(after["gen_B.0.weight"], snapshot.before["gen_B.0.weight"]), (
         "B generator did not learn"
     )

@@ -54,7 +54,7 @@ def _randomise(module: SpecLoRAModule, seed: int = 1) -> None:
     """Non-zero B's and non-identity transforms (they start at 0 and I)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in [*module.method_net.B, *module.method_net.lam]:
+        for p in [*module.adapted.method_net.B, *module.adapted.method_net.lam]:
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -68,7 +68,7 @@ def _batch(n: int = 6, length: int = 7, seed: int = 0) -> dict[str, torch.Tensor
 
 def test_parameters_and_start(tiny_backbone):
     module = _module(tiny_backbone)
-    net, slots = module.method_net, module.slots
+    net, slots = module.adapted.method_net, module.slots
     layers = [m for _, m in lora_modules(module.encoder)]
     assert not any(p.requires_grad for m in layers for p in (m.lora_A, m.lora_B))  # storage for the export
     for k, (slot, layer) in enumerate(zip(slots, layers)):
@@ -92,7 +92,7 @@ def test_only_a_tasks_own_transform_and_mixing_get_its_gradient(tiny_backbone):
     batch = _batch()
     batch["seq_task"] = torch.zeros(6, dtype=torch.long)  # every row is task 0
     module.encode(batch).pow(2).sum().backward()
-    net = module.method_net
+    net = module.adapted.method_net
     for k in range(len(module.slots)):
         assert net.lam[k].grad[0].abs().sum() > 0 and not net.lam[k].grad[1:].any()
         assert net.mix[k].grad[0].abs().sum() > 0 and not net.mix[k].grad[1:].any()
@@ -105,13 +105,13 @@ def test_rows_run_through_their_tasks_update(tiny_backbone):
     layer = lora_modules(module.encoder)[0][1]
     x = torch.randn(3, 5, layer.in_features)  # (N, L, d_in), one row per task
     module.router.set(torch.tensor([0, 1, 2]))
-    module.router.set_weights(module.method.generate(module))
+    module.router.set_weights(module.method.generate(module.adapted))
     try:
         with torch.no_grad():
             y = layer(x)  # (N, L, d_out)
     finally:
         module.router.set(None)
-    net = module.method_net
+    net = module.adapted.method_net
     w = torch.softmax(net.mix[0] / 0.1, dim=-1)  # (T, n)
     for t in range(3):
         delta = (ALPHA / R) * torch.einsum("n,nor->or", w[t], net.B[0]) @ net.lam[0][t] @ net.A[0]  # (d_out, d_in)
@@ -167,7 +167,7 @@ def test_runs_from_the_cli(tiny_backbone, data_root, tmp_path, tmp_path_factory)
     cli = main(["fit", *fit_args(tiny_backbone, data_root, cache, tmp_path / "runs", "methods/mtl_lora.yaml",
                                  "suites/small.yaml", batch_size=16)])
     assert isinstance(cli.model.method, MTLLoRA) and cli.trainer.global_step == 2
-    assert any(b.abs().sum() > 0 for b in cli.model.method_net.B)  # the B's moved from 0
+    assert any(b.abs().sum() > 0 for b in cli.model.adapted.method_net.B)  # the B's moved from 0
     assert "val/average" in cli.trainer.callback_metrics
     folders = cli.model.export_adapters(tmp_path / "export")
     assert len(folders) == 3 and all((f / "adapter_model.safetensors").is_file() for f in folders)

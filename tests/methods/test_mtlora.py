@@ -371,15 +371,15 @@ def test_a_checkpoint_of_the_earlier_tasklora_layout_loads_with_the_same_update(
     for name, _ in sites:
         for key, shape in old_layout.items():
             if key == "svd_step":
-                state[f"encoder.{name}.delta.{key}"] = torch.tensor(4)
+                state[f"adapted.encoder.{name}.delta.{key}"] = torch.tensor(4)
             elif key != "routing":
-                state[f"encoder.{name}.delta.{key}"] = torch.randn(shape, generator=g)
+                state[f"adapted.encoder.{name}.delta.{key}"] = torch.randn(shape, generator=g)
     module.load_state_dict(state, strict=True)
     name, delta = sites[0]
     x = torch.randn(2, 5, H, generator=g)
     delta.router.set(torch.tensor([2, 0]))
-    by_hand = torch.stack([delta.scaling * x[n] @ state[f"encoder.{name}.delta.lora_A"][t].T
-                           @ state[f"encoder.{name}.delta.lora_B"][t].T for n, t in enumerate((2, 0))])
+    by_hand = torch.stack([delta.scaling * x[n] @ state[f"adapted.encoder.{name}.delta.lora_A"][t].T
+                           @ state[f"adapted.encoder.{name}.delta.lora_B"][t].T for n, t in enumerate((2, 0))])
     assert torch.allclose(delta(x), by_hand, atol=1e-5)
     assert int(delta.svd_step) == 4
     delta.router.set(None)

@@ -186,8 +186,8 @@ def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, bat
     assert torch.allclose(got_b, proj_b, atol=1e-6, rtol=1e-4)
     for p, ref in zip(heads, head_ref):  # the heads keep their plain gradients
         assert torch.allclose(p.grad, ref, atol=1e-6, rtol=1e-4)
-    assert module.ortho_state.conflict_rate == conflict_rate(torch.stack(raw))
-    assert module.ortho_state.grads is None  # the step's per-task gradients are released
+    assert module.adapted.work.conflict_rate == conflict_rate(torch.stack(raw))
+    assert module.adapted.work.grads is None  # the step's per-task gradients are released
 
 
 def test_accumulation_keeps_earlier_micro_batches(tiny_backbone, batch):

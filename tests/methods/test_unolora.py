@@ -35,7 +35,7 @@ def _randomise(module: SpecLoRAModule, seed: int = 1) -> None:
         for _, layer in lora_modules(module.encoder):
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)  # (1, r, d_in)
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)  # (1, d_out, r)
-        for p in module.method_net.parameters():
+        for p in module.adapted.method_net.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
@@ -88,9 +88,9 @@ def test_targets_are_query_and_value_unless_the_run_names_them(tiny_backbone):
 def test_scales_follow_eq_3_to_6_per_task_slot_and_row(tiny_backbone):
     module = _module(tiny_backbone)
     _randomise(module)
-    net = module.method_net
+    net = module.adapted.method_net
     batch = _batch()
-    scales = module.method.scales(module, batch)  # (S, N, r)
+    scales = module.method.scales(module.adapted, batch)  # (S, N, r)
     assert scales.shape == (4, 6, R)  # 2 layers x (query, value), 6 rows, rank 4
     sample = mean_token_embedding(
         module.encoder.get_input_embeddings(), batch["input_ids"], batch["attention_mask"]
@@ -111,7 +111,7 @@ def test_scales_follow_eq_3_to_6_per_task_slot_and_row(tiny_backbone):
         "input_ids": batch["input_ids"][:1].repeat(6, 1),
         "attention_mask": torch.ones(6, 7),
     }
-    s = module.method.scales(module, same_text)  # (S, N, r)
+    s = module.method.scales(module.adapted, same_text)  # (S, N, r)
     assert (s[0, 0] - s[0, 1]).abs().max() > 1e-3  # task 0 vs task 1
     torch.testing.assert_close(s[0, 0], s[0, 3])  # task 0 twice
     assert (s[0, 0] - s[1, 0]).abs().max() > 1e-3  # slot 0 vs slot 1
@@ -121,7 +121,7 @@ def test_scales_follow_eq_3_to_6_per_task_slot_and_row(tiny_backbone):
 def test_scales_start_at_one_and_unolora_star_starts_as_the_backbone(tiny_backbone):
     module = _module(tiny_backbone, init_std=0.0)
     batch = _batch()
-    assert torch.equal(module.method.scales(module, batch), torch.ones(4, 6, R))  # s = 1: UnoLoRA
+    assert torch.equal(module.method.scales(module.adapted, batch), torch.ones(4, 6, R))  # s = 1: UnoLoRA
     with torch.no_grad():
         pooled = module.encode(batch)  # (N, H), cls pooling
     backbone = AutoModel.from_pretrained(tiny_backbone).eval()
@@ -137,7 +137,7 @@ def test_a_non_trivial_scale_changes_the_hidden_state(tiny_backbone):
     _randomise(module)
     batch = _batch()
     with torch.no_grad():
-        scales = module.method.scales(module, batch)  # (S, N, r)
+        scales = module.method.scales(module.adapted, batch)  # (S, N, r)
     star = _hidden(module, batch, scales)
     plain = _hidden(module, batch, torch.ones_like(scales))  # s = 1: the shared LoRA alone (UnoLoRA)
     torch.testing.assert_close(plain, _hidden(module, batch, None))
@@ -153,11 +153,11 @@ def test_gradients_reach_the_hypernetwork_and_the_shared_lora(tiny_backbone):
     module = _module(tiny_backbone)
     _randomise(module)
     module.encode(_batch()).pow(2).sum().backward()
-    for name, p in module.method_net.named_parameters():
+    for name, p in module.adapted.method_net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     for name, layer in lora_modules(module.encoder):
         assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0, name
-    trainable = {n.split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
+    trainable = {n.removeprefix("adapted.").split(".")[0] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"encoder", "method_net", "heads"}
 
 
@@ -213,8 +213,8 @@ def _check_fit(cli, snapshot) -> None:
         assert key in metrics, f"{key} not logged; logged: {sorted(metrics)}"
     assert cli.trainer.global_step == 2 and cli.model.method_name == "unolora_star"
     groups = {g["name"]: g for g in cli.trainer.optimizers[0].param_groups}
-    assert {id(p) for p in groups["method"]["params"]} == {id(p) for p in cli.model.method_net.parameters()}
-    after = cli.model.method_net.state_dict()
+    assert {id(p) for p in groups["method"]["params"]} == {id(p) for p in cli.model.adapted.method_net.parameters()}
+    after = cli.model.adapted.method_net.state_dict()
     assert not torch.equal(after["scale.weight"], snapshot.before["scale.weight"]), "S did not learn"
 
 
