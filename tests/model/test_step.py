@@ -104,6 +104,76 @@ def test_batched_heads_equal_the_eager_per_task_loop(tiny_backbone, batches):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
+def _value_dropout(calls: list[float]):
+    """A dropout whose mask is a function of each element's value, so that an element is dropped (or kept)
+    wherever it is computed, scaled as F.dropout: x_i [u(x_i) >= p] / (1 - p), u(x) = frac(8 |x|). Coarse
+    enough (1/8) that float32 reassociation between the two head paths flips no mask."""
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        calls.append(p)
+        keep = (x.detach().abs() * 8).frac() >= p  # (...) bool
+        return x * keep / (1 - p)
+
+    return dropout
+
+
+def test_batched_heads_drop_what_the_eager_per_task_loop_drops_in_train_mode(tiny_backbone, batches, monkeypatch):
+    # the batched heads apply head dropout where the per-task Sequential does (on the pooled input and after
+    # tanh), with the heads' p and 1/(1-p) scaling, only in train mode: with value-keyed masks (the same element
+    # dropped in both paths) the losses and gradients are equal, and differ from the eval-mode ones
+    module = _module(tiny_backbone, head_dropout=0.3).train()
+    batch = batches[1]
+    with torch.no_grad():
+        pooled = module.encode(batch)  # (N, H), the encoder's own dropout as drawn
+    params = list(module.heads.parameters())
+    calls: list[float] = []
+    monkeypatch.setattr(torch.nn.functional, "dropout", _value_dropout(calls))
+
+    reference = eager_task_losses(module.heads, pooled, batch)
+    eager_calls, calls[:] = list(calls), []
+    total_ref = sum(reference.values())
+    grads_ref = torch.autograd.grad(total_ref, params, allow_unused=True)
+    out = module.heads.batched(pooled, batch)
+    total = (module.task_weights * out.task_loss).sum()
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+
+    assert calls == [0.3, 0.3]  # one dropout before each head layer, with the heads' p
+    assert eager_calls == [0.3, 0.3] * len(torch.unique(batch["task"]))
+    for t, loss in reference.items():
+        torch.testing.assert_close(out.task_loss[t], loss, rtol=1e-5, atol=1e-6)
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    module.eval()
+    with torch.no_grad():
+        evaluated = module.heads.batched(pooled, batch).task_loss  # (T,)
+    assert not torch.allclose(evaluated, out.task_loss.detach())  # the masks did drop something
+    assert calls == [0.3, 0.3]  # no dropout in eval mode
+
+
+def test_train_mode_turns_on_every_dropout_with_its_configured_p(tiny_backbone):
+    # the frozen encoder's own dropout (hidden and attention), the adapters' input dropout and the heads'
+    from speclora.model.config import LoRAConfig
+
+    module = _module(tiny_backbone, lora=LoRAConfig(dropout=0.2), head_dropout=0.3).eval().train()
+    lora = [layer for _, layer in lora_modules(module.encoder)]
+    lora_drop = {id(layer.dropout) for layer in lora}
+    assert lora and all(layer.dropout.p == 0.2 and layer.dropout.training for layer in lora)
+    assert module.heads.dropout == 0.3 and module.heads.training
+    config = module.encoder.config
+    encoder_drop = [m for m in module.encoder.modules()
+                    if isinstance(m, torch.nn.Dropout) and id(m) not in lora_drop]
+    assert encoder_drop and all(m.training for m in encoder_drop)
+    assert {m.p for m in encoder_drop} <= {config.hidden_dropout_prob, config.attention_probs_dropout_prob}
+    module.eval()
+    assert not any(m.training for m in module.modules() if isinstance(m, torch.nn.Dropout))
+    assert not module.heads.training
+
+
 def test_predictions_of_an_evaluation_batch_match_the_per_task_view(tiny_backbone, batches):
     module = _module(tiny_backbone).eval()
     batch = batches[0]
