@@ -12,10 +12,10 @@ from lightning.pytorch import Callback
 
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules
-from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
 from speclora.spectral.correlation import stack_signals
 from speclora.spectral.filters import spectral_filter
+from tests.spectral.toy import lora_module
 
 TASKS = ["rte", "stsb", "copa"]
 REPO = Path(__file__).resolve().parents[2]
@@ -50,17 +50,9 @@ def _fit(module, datamodule, callbacks, steps=1, **kwargs):
     return trainer
 
 
-def _module(tiny_backbone):
-    torch.manual_seed(0)
-    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, head_dropout=0.0)
-    for _, layer in lora_modules(module.encoder):  # B ≠ 0 so that A gets gradients too
-        torch.nn.init.normal_(layer.lora_B, std=0.05)
-    return module
-
-
 @pytest.mark.parametrize("epsilon", [0.0, 0.3])
 def test_gradient_coordination_is_exactly_the_projection(tiny_backbone, datamodule, epsilon):
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=True, epsilon=epsilon, band_filter=False, eigen_lr=False,
                                      learned=False, regularizer="none")
     before, after = Snapshot(), Snapshot()
@@ -76,7 +68,7 @@ def test_gradient_coordination_is_exactly_the_projection(tiny_backbone, datamodu
 def test_logged_band_energy_is_of_the_raw_gradient(tiny_backbone, datamodule):
     from speclora.spectral.filters import band_energy
 
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, epsilon=0.0, log_every=1, heatmap_every=0)  # filters strongly
     before = Snapshot()
     trainer = _fit(module, datamodule, [before, spectral])
@@ -94,7 +86,7 @@ def test_logged_band_energy_is_of_the_raw_gradient(tiny_backbone, datamodule):
 def test_a_single_band_scales_every_component(tiny_backbone, datamodule, coefficient, rest):
     # one band: every eigencomponent, computed or not, gets the same coefficient, so G' = c·G (1: the identity;
     # 0.5 fails if the band filter is not applied, or not beyond the k computed pairs)
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=True, band_coefficients=[coefficient],
                                      band_edges=[], eigen_lr=False, learned=False, regularizer="none",
                                      rest_response=rest)
@@ -105,7 +97,7 @@ def test_a_single_band_scales_every_component(tiny_backbone, datamodule, coeffic
 
 def test_per_eigencomponent_rates_filter_the_optimizer_update(tiny_backbone, datamodule):
     # the rate 1 beyond the k computed pairs (rest_response: last); the other rules: test_callback_math.py
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=False, eigen_lr=True, beta=2.0,
                                      sigma=0.5, learned=False, regularizer="none", rest_response="last")
     start = Snapshot()
@@ -136,7 +128,7 @@ def test_per_eigencomponent_rates_filter_the_optimizer_update(tiny_backbone, dat
 
 
 def test_high_pass_regulariser_adds_its_gradient(tiny_backbone, datamodule):
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, coordination=False, band_filter=False, eigen_lr=False, learned=False,
                                      regularizer="highpass", gamma=0.05, refresh_every=1)
     before, after = Snapshot(), Snapshot()
@@ -157,7 +149,7 @@ def test_high_pass_regulariser_adds_its_gradient(tiny_backbone, datamodule):
 
 
 def test_nan_gradients_never_reach_the_parameters(tiny_backbone, datamodule):
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
 
     class Poison(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -177,7 +169,7 @@ def test_nan_gradients_never_reach_the_parameters(tiny_backbone, datamodule):
 def test_one_skipped_step_flag_for_the_module_and_the_callback(tiny_backbone, datamodule):
     # a NaN outside the adapters (a head's gradient): the step's one check (the module's) skips it, and the
     # callback reads that flag: its EMAs do not move on a step the optimizer skips, and the check runs once
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     checks = []
 
     class Poison(Callback):
@@ -198,7 +190,7 @@ def test_one_skipped_step_flag_for_the_module_and_the_callback(tiny_backbone, da
 
 
 def test_lobpcg_needs_n_at_least_3k(tiny_backbone, datamodule):
-    module = _module(tiny_backbone)  # 3 tasks x 8 slots x 2 = 48 nodes
+    module = lora_module(TASKS, tiny_backbone)  # 3 tasks x 8 slots x 2 = 48 nodes
     spectral = SpectralGraphCallback(k=20, dense_threshold=10)
     with pytest.raises(ValueError, match="k=20"):
         _fit(module, datamodule, [spectral])
@@ -228,7 +220,7 @@ def test_resume_restores_the_spectral_state_exactly(tiny_backbone, datamodule, t
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     def run(steps, ckpt=None, save=False):
-        module = _module(tiny_backbone)
+        module = lora_module(TASKS, tiny_backbone)
         spectral = SpectralGraphCallback(k=6, refresh_every=2, learned=True, hyper_lr=0.5)
         callbacks = [spectral]
         if save:
@@ -284,7 +276,7 @@ def test_a_failed_first_solve_is_a_counted_recovery(tiny_backbone, datamodule, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cb, "smallest_eigenpairs", flaky)
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, refresh_every=50)
     _fit(module, datamodule, [spectral], steps=2)
     assert spectral.counters["solver_failed"] == 1
@@ -294,7 +286,7 @@ def test_a_failed_first_solve_is_a_counted_recovery(tiny_backbone, datamodule, m
 
 def test_low_precision_adapters_take_the_allocating_path(tiny_backbone, datamodule):
     # bf16 adapters cannot be stacked into the float32 work buffers: the callback stacks, converts, writes back
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     spectral = SpectralGraphCallback(k=6, log_every=1, heatmap_every=0)
     _fit(module, datamodule, [spectral], steps=2, precision="bf16-true")
     assert spectral.layers[0].lora_A.dtype == torch.bfloat16 and not spectral._work

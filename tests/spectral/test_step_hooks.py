@@ -16,14 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules
-from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
 from speclora.spectral.correlation import EdgeCorrelation
 from speclora.spectral.devices import float32_math
 from speclora.spectral.filters import remember_update
 from speclora.spectral.regularizer import dirichlet_energy, high_pass_energy, regularizer_terms
 from speclora.spectral.step_hooks import StepHooks
-from tests.spectral.toy import Driver, SignDescent, Toy
+from tests.spectral.toy import Driver, SignDescent, Toy, lora_module
 
 TASKS = ["rte", "stsb", "copa"]
 
@@ -65,20 +64,12 @@ def datamodule(tiny_backbone, data_root, tmp_path_factory):
                                mixing="equal")
 
 
-def _module(tiny_backbone):
-    torch.manual_seed(0)
-    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, head_dropout=0.0)
-    for _, layer in lora_modules(module.encoder):  # B ≠ 0 so that A gets gradients too
-        torch.nn.init.normal_(layer.lora_B, std=0.05)
-    return module
-
-
 def _initial_lora(tiny_backbone):
-    return [p.detach() for _, m in lora_modules(_module(tiny_backbone).encoder) for p in (m.lora_A, m.lora_B)]
+    return [p.detach() for _, m in lora_modules(lora_module(TASKS, tiny_backbone).encoder) for p in (m.lora_A, m.lora_B)]
 
 
 def _run(kind, tiny_backbone, datamodule, tmp_path, steps, ckpt=None):
-    module = _module(tiny_backbone)
+    module = lora_module(TASKS, tiny_backbone)
     # refreshes at steps 0, 3 and 6; learned coefficients that move; the high-pass regulariser
     spectral = kind(k=6, refresh_every=3, learned=True, hyper_lr=0.5, log_every=10**6, heatmap_every=0)
     calls = collections.Counter()

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor, nn
 
-from speclora.model.lora import AdapterRouter, LoRASlot, MultiTaskLoRALinear
+from speclora.model.lora import AdapterRouter, LoRASlot, MultiTaskLoRALinear, lora_modules
+from speclora.model.module import SpecLoRAModule
 from speclora.spectral.callback import SpectralGraphCallback
 from speclora.spectral.signals import stack_signals
 
@@ -121,3 +122,13 @@ class Driver:
         record["theta_after"] = self.theta()
         self.records.append(record)
         return record
+
+
+def lora_module(tasks: list[str], backbone) -> SpecLoRAModule:
+    """A seeded SpecLoRAModule on ``backbone`` without head dropout, its LoRA B drawn ≠ 0 so that A gets
+    gradients too (the Lightning-level spectral tests' model)."""
+    torch.manual_seed(0)
+    module = SpecLoRAModule(tasks, backbone=backbone, head_dropout=0.0)
+    for _, layer in lora_modules(module.encoder):
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    return module
