@@ -228,6 +228,7 @@ def test_record_moves_non_finite_figures_to_failures():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_quick_report_on_cuda(tiny_backbone, data_root, token_cache, tmp_path):
     assert perf.main(["--quick", "--device", "cuda", "--backbone", tiny_backbone, "--data-dir", str(data_root),
                       "--out", str(tmp_path)]) == 0
