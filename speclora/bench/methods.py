@@ -36,13 +36,30 @@ METHODS = ["independent", "shared", "speclora", "unolora_star", "adalora", "orth
 COUNTS = ("host_reads", "aten_ops", "leaf_ops", "cuda_launches", "cuda_syncs")
 
 
+def method_of(spec: str):
+    """The method of a ``--methods`` entry: a registry name (``ortho``), or a name with constructor options
+    ``name:key=value,key=value`` (``ortho:task_grads=backward``; values read as YAML)."""
+    import yaml
+
+    from speclora.methods import get_method
+
+    name, _, options = spec.partition(":")
+    method = get_method(name)
+    if not options:
+        return method
+    pairs = [item.partition("=") for item in options.split(",")]
+    if any(not key or sep != "=" for key, sep, _ in pairs):
+        raise ValueError(f"--methods {spec!r}: options are key=value pairs joined by ',', e.g. ortho:task_grads=backward")
+    init = {**method.hparams()["init_args"], **{key: yaml.safe_load(value) for key, _, value in pairs}}
+    return type(method)(**init)
+
+
 def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
     """Build ``name``, train ``steps + count_steps`` steps on the shared batches; its costs as a dict."""
     import lightning as L
     import torch
 
     from speclora.data.datamodule import MultiTaskDataModule
-    from speclora.methods import get_method
     from speclora.model.module import SpecLoRAModule
     from speclora.tasks import DEFAULT_SUITE
 
@@ -56,7 +73,7 @@ def measure_method(args: argparse.Namespace, name: str) -> dict[str, object]:
     batches = [next(it) for _ in range(steps + counted)]  # on the CPU: Lightning moves each one, as in training
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method=get_method(name))  # speclora adds its callback
+    module = SpecLoRAModule(DEFAULT_SUITE, backbone=args.backbone, method=method_of(name))  # speclora adds its callback
 
     def peak_mib() -> float | None:
         if device.type == "cuda":
@@ -190,7 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per method (the first is warm-up)")
     parser.add_argument("--count-steps", type=int, default=2, help="profiled steps after them (0: none)")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", default=METHODS,
+                        help="registry names, or name:key=value,... with constructor options (ortho:task_grads=backward)")
     parser.add_argument("--isolation", choices=("process", "inline"), default="process")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # set in the child process

@@ -11,7 +11,7 @@ A step on a batch holding the tasks S (notation of speclora/methods/weighting.py
 
 Under DDP the per-task gradients are averaged over ranks before K is formed, so every rank solves the same
 problem and writes the same gradient. Cost: with ``rows``, two small batched matmuls per LoRA layer in the
-backward (no extra backward; ``backward``: one per task of the batch, as Ortho), one pass over θ for K and one
+backward (no extra backward; ``backward``: one per task of the batch), one pass over θ for K and one
 for d, and a solve of size |S| on the host.
 """
 
@@ -28,6 +28,7 @@ from speclora.methods.base import Method
 from speclora.methods.task_grads import (
     RowGradients,
     TaskGradients,
+    check_task_grads,
     loss_scale,
     mean_over_ranks,
     per_task_gradients,
@@ -42,15 +43,6 @@ if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
 
 __all__ = ["CAGrad", "GradientCombination", "NashMTL"]
-
-TASK_GRADS = ("rows", "backward")
-
-
-def _check_task_grads(value: str) -> str:
-    if value not in TASK_GRADS:
-        raise ValueError(f"model.method.init_args.task_grads={value!r}; allowed: {', '.join(map(repr, TASK_GRADS))}")
-    return value
-
 
 class GradientCombination(Method):
     """One shared LoRA; the per-task gradients on it replaced by a combination Σ_t β_t g_t (subclasses give β)."""
@@ -148,7 +140,7 @@ class CAGrad(GradientCombination):
         c: the radius of the ball, in units of ‖g₀‖ (0: the average gradient; the paper's MTL runs: 0.4).
         rescale: divide d by 1 + c² (the reference code's default), keeping the step's size near g₀'s.
         task_grads: ``rows`` (per-task gradients from per-row activations in the one backward) or
-            ``backward`` (one backward per task, as Ortho); the same gradients up to float rounding.
+            ``backward`` (one backward per task); the same gradients up to float rounding.
     """
 
     name: ClassVar[str] = "cagrad"
@@ -158,7 +150,7 @@ class CAGrad(GradientCombination):
             raise ValueError(f"model.method.init_args.c={c!r}; allowed: a number >= 0")
         self.c = float(c)
         self.rescale = bool(rescale)
-        self.task_grads = _check_task_grads(task_grads)
+        self.task_grads = check_task_grads(task_grads)
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray:
         # β of d (the average-based direction), times S so that c = 0 gives Σ_t g_t
@@ -192,7 +184,7 @@ class NashMTL(GradientCombination):
         self.max_norm = float(max_norm)
         self.tol = float(tol)
         self.max_iter = max_iter
-        self.task_grads = _check_task_grads(task_grads)
+        self.task_grads = check_task_grads(task_grads)
         self._unconverged = 0
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray:

@@ -9,8 +9,10 @@ other within the intrinsic LoRA subspace"). A step on a batch holding the tasks 
     g_i^b ← g_i^b − (⟨g_i^b, g_j^b⟩ / ‖g_j^b‖²) g_j^b   wherever ⟨g_i^b, g_j^b⟩ < 0   (project_conflicts)
     ∇_θ ← Σ_t g_t'                        replaces Σ_t g_t in θ.grad; the heads keep their plain gradients
 
-The per-task gradients are taken in ``extra_losses`` (one ``torch.autograd.grad`` per task, while the graph is
-alive); ``after_backward`` projects them and rewrites ``.grad``. Cost: |S| extra backward passes per step.
+The per-task gradients come from the module's one backward (``task_grads: rows``, the default: summed per task
+from the LoRA layers' per-row activations, speclora/methods/task_grads.py) or from one ``torch.autograd.grad``
+per task in ``extra_losses`` (``backward``: |S| extra backward passes per step); the same gradients up to float
+rounding. ``after_backward`` projects them and rewrites ``.grad``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 
 from speclora.methods.base import Method
 from speclora.methods.task_grads import (
+    RowGradients,
+    check_task_grads,
     loss_scale,
     mean_over_ranks,
     per_task_gradients,
@@ -138,7 +142,8 @@ class OrthoState:
 
     params: the shared LoRA parameters, A and B of every LoRA layer in slot order; kinds: "A"/"B" of each;
     grads: (T, P) this step's per-task gradients of λ_t L_t (rows of absent tasks 0), loss-scaled under AMP;
-    present: (T,) bool, the tasks of the batch; conflict_rate: of the last step (None: fewer than 2 tasks).
+    present: (T,) bool, the tasks of the batch; conflict_rate: of the last step (None: fewer than 2 tasks);
+    rows: the capture of ``task_grads: rows`` (None for ``backward``).
     """
 
     params: list[nn.Parameter]
@@ -147,6 +152,7 @@ class OrthoState:
     present: Tensor | None = None
     conflict_rate: float | None = None
     blocks: dict[torch.device, Tensor] = field(default_factory=dict)
+    rows: RowGradients | None = None
 
 
 class Ortho(Method):
@@ -159,6 +165,9 @@ class Ortho(Method):
         order: the order each g_i is projected against the others (matters for 3+ tasks). ``random``: a fresh
             permutation per task and step, as PCGrad; ``fixed``: ascending task index.
         seed: seed of the ``random`` order (combined with the global step).
+        task_grads: how the per-task gradients are taken. ``rows``: summed per task from per-row activations
+            during the module's one backward (no extra backward); ``backward``: one backward per task of the
+            batch (the paper's recipe, |S| extra passes); the same gradients up to float rounding.
 
     Task weights: the per-task gradients are those of λ_t L_t, so their unprojected sum is the plain gradient;
     since a projection is invariant to the scale of g_j and linear in g_i, g_i' = λ_i · proj(∇L_i).
@@ -167,7 +176,7 @@ class Ortho(Method):
     name: ClassVar[str] = "ortho"
 
     def __init__(self, blocks: Literal["ab", "all", "matrix"] = "ab", order: Literal["random", "fixed"] = "random",
-                 seed: int = 0) -> None:
+                 seed: int = 0, task_grads: Literal["rows", "backward"] = "rows") -> None:
         if blocks not in BLOCKS:
             raise ValueError(f"model.method.init_args.blocks={blocks!r}; allowed: {', '.join(map(repr, BLOCKS))}")
         if order not in ORDERS:
@@ -175,6 +184,7 @@ class Ortho(Method):
         self.blocks = blocks
         self.order = order
         self.seed = seed
+        self.task_grads = check_task_grads(task_grads)
 
     # ------------------------------------------------------------------ construction
     def num_adapters(self, num_tasks: int) -> int:
@@ -192,17 +202,28 @@ class Ortho(Method):
 
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         adapted = super().build(inputs)
-        params, kinds = [], []
-        for _, layer in lora_modules(adapted.encoder):
+        params, kinds, layers = [], [], [layer for _, layer in lora_modules(adapted.encoder)]
+        for layer in layers:
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
             kinds += ["A", "B"]
-        adapted.work = OrthoState(params, kinds)  # the step's per-task gradients, between its hooks
+        rows = RowGradients(layers) if self.task_grads == "rows" else None  # laid out as params
+        adapted.work = OrthoState(params, kinds, rows=rows)  # the step's per-task gradients, between its hooks
         return adapted
+
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
+        a training step; evaluation runs without them)."""
+        if self.task_grads == "rows" and torch.is_grad_enabled():
+            adapted.work.rows.arm(batch["seq_task"], adapted.num_tasks)
 
     # ------------------------------------------------------------------ a training step
     def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
-        """Take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no loss term."""
+        """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no
+        loss term. (``rows``: the gradients come with the module's backward.)"""
         state: OrthoState = module.adapted.work
+        if self.task_grads == "rows":
+            state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
+            return {}
         losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
         # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
         grads, present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
@@ -213,7 +234,9 @@ class Ortho(Method):
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t g_t': the batch's plain contribution replaced by the projected one
         (what earlier micro-batches of a gradient accumulation put in θ.grad is kept)."""
         state: OrthoState = module.adapted.work
-        if state.grads is None:
+        if self.task_grads == "rows":
+            state.grads = state.rows.disarm()  # (T, P) g_t summed during the backward, loss-scaled as the backward
+        if state.grads is None or state.present is None:
             return
         grads, present = mean_over_ranks(state.grads, state.present)
         state.grads = state.present = None

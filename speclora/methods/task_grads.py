@@ -2,7 +2,7 @@
 
 Two ways to the same g_t = ∇_θ (s λ_t L_t) (s: the AMP loss scale, as the trainer's backward applies it):
 
-- ``backward`` (Ortho's, speclora/methods/ortho.py): one ``torch.autograd.grad`` per task of the batch,
+- ``backward``: one ``torch.autograd.grad`` per task of the batch (:func:`per_task_gradients`),
   while the graph is alive — |S| extra backward passes;
 - ``rows`` (:class:`RowGradients`): none extra. The sequences of a batch never interact in an encoder
   (attention and LayerNorm act within a sequence), so the total loss's gradient at LoRA layer k's output,
@@ -31,8 +31,17 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
 
-__all__ = ["RowGradients", "TaskGradients", "loss_scale", "mean_over_ranks", "per_task_gradients",
-           "replace_batch_gradient", "row_task_gradients"]
+__all__ = ["TASK_GRADS", "RowGradients", "TaskGradients", "check_task_grads", "loss_scale", "mean_over_ranks",
+           "per_task_gradients", "replace_batch_gradient", "row_task_gradients"]
+
+TASK_GRADS = ("rows", "backward")
+
+
+def check_task_grads(value: str) -> str:
+    """The ``task_grads`` option of a method that takes per-task gradients: ``rows`` or ``backward``."""
+    if value not in TASK_GRADS:
+        raise ValueError(f"model.method.init_args.task_grads={value!r}; allowed: {', '.join(map(repr, TASK_GRADS))}")
+    return value
 
 
 @dataclass

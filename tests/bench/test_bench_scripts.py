@@ -85,3 +85,16 @@ def test_throughput_tf32_needs_cuda(capsys):
     with pytest.raises(SystemExit):
         throughput.parse_args(["--device", "cpu", "--precisions", "tf32"])
     assert "--precisions tf32" in capsys.readouterr().err
+
+
+def test_methods_entries_take_constructor_options():
+    from speclora.methods import Ortho
+
+    method = methods.method_of("ortho:task_grads=backward,seed=3")
+    assert isinstance(method, Ortho) and method.task_grads == "backward" and method.seed == 3
+    assert method.blocks == "ab"  # the other options keep their defaults
+    assert methods.method_of("ortho").task_grads == "rows"
+    with pytest.raises(ValueError, match="key=value pairs"):
+        methods.method_of("ortho:backward")
+    with pytest.raises(ValueError, match="task_grads='nope'"):
+        methods.method_of("ortho:task_grads=nope")

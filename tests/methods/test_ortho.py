@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import ortho as ortho_module
 from speclora.methods.ortho import (
     Ortho,
     block_index,
@@ -98,7 +99,8 @@ def test_block_index_layouts():
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"blocks": "rows"}, "model.method.init_args.blocks='rows'"),
-     ({"order": "sorted"}, "model.method.init_args.order='sorted'")],
+     ({"order": "sorted"}, "model.method.init_args.order='sorted'"),
+     ({"task_grads": "per_task"}, r"model.method.init_args.task_grads='per_task'; allowed: 'rows', 'backward'")],
 )
 def test_bad_options_name_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -139,9 +141,10 @@ def batch(tiny_backbone, data_root, cache):
     return next(iter(dm.train_dataloader()))
 
 
-def _ortho_module(tiny_backbone: str) -> SpecLoRAModule:
+def _ortho_module(tiny_backbone: str, task_grads: str = "rows") -> SpecLoRAModule:
     torch.manual_seed(6)  # heads that make A and B both conflict; and independent of which tests ran before
-    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=Ortho(order="fixed")).eval()  # no dropout
+    method = Ortho(order="fixed", task_grads=task_grads)
+    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=method).eval()  # no dropout
     g = torch.Generator().manual_seed(1)
     for _, layer in lora_modules(module.encoder):
         layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.2
@@ -150,8 +153,9 @@ def _ortho_module(tiny_backbone: str) -> SpecLoRAModule:
     return module
 
 
-def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, batch):
-    module = _ortho_module(tiny_backbone)
+@pytest.mark.parametrize("task_grads", ["rows", "backward"])
+def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, batch, task_grads, monkeypatch):
+    module = _ortho_module(tiny_backbone, task_grads)
     layers = [m for _, m in lora_modules(module.encoder)]
     assert all(m.lora_A.shape[0] == 1 for m in layers)  # one shared adapter
     a_params = [m.lora_A for m in layers]
@@ -175,6 +179,9 @@ def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, bat
     assert not torch.allclose(proj_a, torch.stack(ref_a).sum(0)), "no conflict in A: the test would be vacuous"
 
     # the module's step: training_step (per-task grads), the total backward, then after_backward
+    extra = []  # ``rows`` takes no backward per task: its gradients come with the module's one backward
+    real = ortho_module.per_task_gradients
+    monkeypatch.setattr(ortho_module, "per_task_gradients", lambda *a, **k: extra.append(1) or real(*a, **k))
     module.zero_grad()
     loss = module.training_step(batch, 0)
     loss.backward()
@@ -188,10 +195,12 @@ def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, bat
         assert torch.allclose(p.grad, ref, atol=1e-6, rtol=1e-4)
     assert module.adapted.work.conflict_rate == conflict_rate(torch.stack(raw))
     assert module.adapted.work.grads is None  # the step's per-task gradients are released
+    assert len(extra) == (0 if task_grads == "rows" else 1)
 
 
-def test_accumulation_keeps_earlier_micro_batches(tiny_backbone, batch):
-    module = _ortho_module(tiny_backbone)
+@pytest.mark.parametrize("task_grads", ["rows", "backward"])
+def test_accumulation_keeps_earlier_micro_batches(tiny_backbone, batch, task_grads):
+    module = _ortho_module(tiny_backbone, task_grads)
     layer = lora_modules(module.encoder)[0][1]
     module.zero_grad()
     loss = module.training_step(batch, 0)
