@@ -382,10 +382,3 @@ class AdaLoRA(Method):
             config.rank_pattern = pattern
         for t, folder in enumerate(folders):
             module.heads.load_head(t, folder)
-
-    def hparams(self) -> dict[str, Any]:
-        cls = type(self)
-        args = {k: v for k, v in vars(self).items() if not k.startswith("_")}  # the constructor arguments
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": args}
-
-

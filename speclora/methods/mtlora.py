@@ -305,10 +305,6 @@ class MTLoRA(Method):
             for key, p in params.items():
                 p.copy_(state[key])
 
-    def hparams(self) -> dict[str, Any]:
-        cls = type(self)
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(vars(self))}
-
 
 def _raw_state(module: SpecLoRAModule) -> dict[str, Tensor]:
     """Every mtLoRA parameter, by its path in the encoder (lora_A, lora_B, routing of each site)."""
