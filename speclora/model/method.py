@@ -116,10 +116,7 @@ class Method:
 
 
 def method_classes() -> list[type[Method]]:
-    """Every Method subclass: the harness's (``speclora.methods``, imported here) and any other imported so far,
-    base class first."""
-    import speclora.methods  # noqa: F401  the built-in methods, whether or not the caller imported them
-
+    """Every Method subclass imported so far (``speclora.methods`` imports the harness's), base class first."""
     found, todo = [Method], [Method]
     while todo:
         for sub in todo.pop().__subclasses__():
@@ -152,8 +149,8 @@ def resolve_method(value: Method | str | Mapping[str, Any] | None) -> Method:
         if value in ("independent", "Method"):
             return Method()
     names = ", ".join(cls.__name__ for cls in method_classes()[1:])
-    raise ValueError(f"model.method={value!r}; allowed: a Method instance, or one of {names} (or their registry "
-                     "names; a method of your own is known once its class is imported)")
+    raise ValueError(f"model.method={value!r}; allowed: a Method instance, or one of {names or 'the classes of speclora.methods'} "
+                     "(registry names are those of imported classes: import speclora.methods)")
 
 
 def _from_config(value: Mapping[str, Any]) -> Method:

@@ -162,19 +162,6 @@ def test_other_encoder_families_get_their_attention_targets(arch, tmp_path):
     assert pooled.shape == (3, 32) and torch.isfinite(pooled).all()
 
 
-def test_a_method_named_by_its_registry_name_needs_no_import_of_speclora_methods():
-    # a fresh interpreter that imports only the module (as tests/model/test_step_gpu.py does): "shared" was
-    # unknown there until something else had imported speclora.methods
-    import subprocess
-    import sys
-
-    code = ("import sys; from speclora.model.method import resolve_method; "
-            "assert 'speclora.methods' not in sys.modules; print(type(resolve_method('shared')).__name__)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "Shared"
-
-
 def test_the_module_is_handed_its_method_and_rebuilds_it_from_hparams(tiny_backbone):
     from speclora.methods import Ortho
     from speclora.model.method import Method, resolve_method

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import speclora.methods  # noqa: F401  the methods' registry names ("shared"): speclora.model does not import them
 from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
