@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -36,7 +35,7 @@ from speclora.model.config import LoRAConfig, OptimConfig, config_from
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import resolve_targets
 from speclora.model.method import Method, resolve_method
-from speclora.model.optim import adamw_with_schedule
+from speclora.model.optim import adamw_with_schedule, clip_unscaled_gradients, fused_setting
 from speclora.model.step import (
     ENCODER_DTYPES,
     NonFiniteGuard,
@@ -141,13 +140,8 @@ class SpecLoRAModule(L.LightningModule):
         if encoder_dtype != "float32":
             self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
-        self.metrics = nn.ModuleDict(
-            {
-                entry: TaskMetrics(spec, entry if entry in spec.eval_names else None)
-                for spec in self.specs
-                for entry in (spec.name, *spec.eval_names)
-            }
-        )
+        self.metrics = nn.ModuleDict({entry: TaskMetrics(spec, entry if entry in spec.eval_names else None)
+                                      for spec in self.specs for entry in (spec.name, *spec.eval_names)})
         self._entry_task = {entry: spec.name for spec in self.specs for entry in (spec.name, *spec.eval_names)}
         self.register_buffer("task_weights", torch.ones(len(self.specs)), persistent=False)
         self._step_task_losses: dict[int, Tensor] = {}
@@ -414,43 +408,21 @@ class SpecLoRAModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        # a method's own trainable modules (hypernetworks) learn at the adapters' rate (speclora.model.optim)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        cfg = replace(self.optim_cfg, fused=self._fused_under_trainer())
+        # a method's own trainable modules (hypernetworks) learn at the adapters' rate; model.optim.fused as the
+        # trainer's precision and clip allow it (speclora.model.optim)
+        trainer = self.trainer
+        total = max(1, int(trainer.estimated_stepping_batches))
+        fused = fused_setting(self.optim_cfg.fused, trainer.gradient_clip_val, self._grad_scaler() is not None,
+                              trainer.precision)
+        cfg = replace(self.optim_cfg, fused=fused)
         return adamw_with_schedule(cfg, self.encoder, self.heads, self.adapted.method_net, total)
-
-    def _fused_under_trainer(self) -> bool | None:
-        """``model.optim.fused`` as the trainer allows it. Under fp16 AMP a fused AdamW unscales the gradients
-        inside its own step, so nothing can clip them first: with gradient clipping on, ``null`` (auto) gives an
-        unfused AdamW (logged) and ``true`` is refused. bf16-mixed and 32-true have no loss scale, so a fused
-        AdamW is fine there (:meth:`configure_gradient_clipping` clips its gradients)."""
-        fused, trainer = self.optim_cfg.fused, self._trainer
-        clip = getattr(trainer, "gradient_clip_val", None) if trainer is not None else None
-        if fused is False or not clip or self._grad_scaler() is None:
-            return fused
-        if fused:
-            raise ValueError(
-                f"model.optim.fused=true cannot run with trainer.precision={trainer.precision!r} and "
-                f"trainer.gradient_clip_val={clip}: a fused AdamW unscales fp16 gradients inside its step, after "
-                "clipping would have seen them still scaled; allowed: model.optim.fused null or false, "
-                "trainer.precision bf16-mixed or 32-true, or trainer.gradient_clip_val 0")
-        rank_zero_info(f"trainer.precision={trainer.precision!r} with gradient clipping: AdamW runs unfused "
-                       "(a fused AdamW unscales fp16 gradients inside its step, after the clip)")
-        return False
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's AMP plugin refuses to clip for an optimizer that unscales in its step (a fused AdamW), even
-        # under bf16-mixed where no loss scale exists and the gradients are already true: clip those here.
-        # Under fp16 with a scaler the plugin's path stays (configure_optimizers keeps AdamW unfused there).
-        amp = isinstance(getattr(self._trainer, "precision_plugin", None), MixedPrecision)
-        if gradient_clip_val and amp and supports_found_inf(optimizer) and self._grad_scaler() is None:
-            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            if gradient_clip_algorithm == "value":
-                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-            else:  # "norm", Lightning's default: ‖g‖₂ over every parameter of the optimizer
-                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # under bf16-mixed, where no loss scale exists: those gradients are clipped here (speclora.model.optim)
+        plugin = self.trainer.precision_plugin
+        if not clip_unscaled_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm, plugin):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ adapters in peft format
     def export_adapters(self, out_dir: str | Path) -> list[Path]:

@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from speclora.model.config import OptimConfig
-from speclora.model.step import fused_supported
+from speclora.model.step import fused_supported, supports_found_inf
 
 
 def warmup_steps(total: int, ratio: float) -> int:
@@ -61,3 +63,38 @@ def adamw_with_schedule(cfg: OptimConfig, encoder: nn.Module, heads: nn.Module, 
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def fused_setting(fused: bool | None, clip: float | None, loss_scaled: bool, precision: str | None) -> bool | None:
+    """``model.optim.fused`` as the trainer allows it. Under fp16 AMP (``loss_scaled``: a GradScaler) a fused
+    AdamW unscales the gradients inside its own step, so nothing can clip them first: with a clip, ``None``
+    (auto) becomes False (logged) and True is refused. Without a loss scale (bf16-mixed, 32-true) a fused
+    AdamW is fine: the module clips its gradients itself (:func:`clip_unscaled_gradients`)."""
+    if fused is False or not clip or not loss_scaled:
+        return fused
+    if fused:
+        raise ValueError(
+            f"model.optim.fused=true cannot run with trainer.precision={precision!r} and "
+            f"trainer.gradient_clip_val={clip}: a fused AdamW unscales fp16 gradients inside its step, after "
+            "clipping would have seen them still scaled; allowed: model.optim.fused null or false, "
+            "trainer.precision bf16-mixed or 32-true, or trainer.gradient_clip_val 0")
+    rank_zero_info(f"trainer.precision={precision!r} with gradient clipping: AdamW runs unfused "
+                   "(a fused AdamW unscales fp16 gradients inside its step, after the clip)")
+    return False
+
+
+def clip_unscaled_gradients(optimizer: torch.optim.Optimizer, clip_val: float | None, algorithm: str | None,
+                            precision_plugin) -> bool:
+    """Clip, in place, the gradients of a fused optimizer under AMP without a loss scale (bf16-mixed), which
+    Lightning's AMP plugin refuses to; returns whether it clipped (False: Lightning's own path applies). As
+    Lightning's plain precision: ``value`` clamps each entry to ±clip_val; ``norm`` (default) scales every
+    parameter's gradient so that ‖g‖₂ ≤ clip_val over all of them."""
+    unscaled_amp = isinstance(precision_plugin, MixedPrecision) and precision_plugin.scaler is None
+    if not (clip_val and unscaled_amp and supports_found_inf(optimizer)):
+        return False
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    return True
