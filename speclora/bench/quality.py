@@ -159,7 +159,12 @@ def run_plan(
                 one(item)
         else:
             with ThreadPoolExecutor(jobs) as threads_pool:
-                list(threads_pool.map(one, enumerate(todo, 1)))
+                try:
+                    list(threads_pool.map(one, enumerate(todo, 1)))
+                except BaseException:  # e.g. Ctrl-C: do not wait for the pool's running cells to finish
+                    if workers is not None:
+                        workers.terminate()
+                    raise
     return collect_rows(plan.cells, out)
 
 

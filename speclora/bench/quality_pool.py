@@ -281,6 +281,7 @@ class CellPool:
             self._idle.put(None)
         self.jobs = jobs
         self._lock = threading.Lock()
+        self._live: set[_Worker] = set()
         self.started: list[int] = []  # pids of every worker started, in order
         self.startup_seconds: list[float] = []  # each worker's start-up, as it reported it
 
@@ -291,10 +292,11 @@ class CellPool:
         with self._lock:
             worker = _Worker(self.cmd, env, self.log_dir / f"worker-{len(self.started)}.log")
             self.started.append(worker.pid)
+            self._live.add(worker)
         try:
             ready = worker.answer(None)
         except WorkerGone as err:
-            worker.kill()  # reap it and close its pipes
+            self._kill(worker)  # reap it and close its pipes
             raise WorkerGone(f"the pool worker (pid {worker.pid}) {err} before it was ready; its log "
                              f"{worker.log}:\n{_tail(worker.log)}") from err
         self.startup_seconds.append(float(ready["ready"]))
@@ -320,11 +322,13 @@ class CellPool:
             worker.send({"run_dir": str(run_dir)})
             worker.answer(timeout)
         except TimeoutError:
-            worker.kill()
+            self._kill(worker)
             worker, why = None, f"timeout: the run took longer than --run-timeout {timeout:g} s (its worker was killed)"
         except WorkerGone as err:
             text = str(err) if worker is None or str(err).startswith("the pool worker") else (
                 f"the pool worker (pid {worker.pid}) {err} during the run and wrote no result")
+            if worker is not None:
+                self._kill(worker)
             worker, why = None, text
         path = run_dir / RESULT
         if path.is_file() and (why is None or not why.startswith("timeout")):
@@ -337,19 +341,35 @@ class CellPool:
         write_result(run_dir, result)
         return worker, result
 
+    def _kill(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._live.discard(worker)
+
     def close(self) -> None:
         """Let every worker exit (all are idle once no :meth:`run` is in progress)."""
         for _ in range(self.jobs):
             worker = self._idle.get()
             if worker is not None:
                 worker.stop()
+                with self._lock:
+                    self._live.discard(worker)
         for _ in range(self.jobs):
             self._idle.put(None)
+
+    def terminate(self) -> None:
+        """Kill every worker now, busy or not (an interrupted matrix): their cells fail, as with ``process``."""
+        with self._lock:
+            live = list(self._live)
+        for worker in live:
+            self._kill(worker)
 
     def __enter__(self) -> CellPool:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None:
+            self.terminate()
         self.close()
 
 
