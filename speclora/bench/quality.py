@@ -295,14 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-single", action="store_true",
                    help="skip the single-task reference cells (no ITR, IC): a comparison between arms only")
     q.add_argument("--one-task", default=None, help="tasks of the single-task case, comma list ('' for none)")
-    q.add_argument("--isolation", choices=ISOLATIONS, default=None,
-                   help="inline: every cell in this process; process: a fresh process per cell; pool: --jobs "
-                        "long-lived worker processes, each running many cells (start-up paid once per worker; a "
-                        "crash still fails one cell). Default: the scale's")
-    q.add_argument("--jobs", type=int, default=None, help="runs at once (process or pool isolation; default: the scale's)")
+    q.add_argument("--isolation", choices=ISOLATIONS, default=None, help="inline: cells in this process; process: "
+                   "a process per cell; pool: --jobs workers running many cells each (default: the scale's)")
+    q.add_argument("--jobs", type=int, default=None, help="runs at once (process, pool; default: the scale's)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
-    q.add_argument("--run-timeout", type=float, default=None,
-                   help="seconds before a run is killed (process, pool: per cell; pool: its worker is replaced)")
+    q.add_argument("--run-timeout", type=float, default=None, help="seconds before a run (process, pool) is killed")
     q.add_argument("--retry-failed", action="store_true", help="rerun cells whose result says failed")
     q.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: delete)")
     q.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
