@@ -208,13 +208,16 @@ class _Worker:
     def answer(self, timeout: float | None) -> dict[str, Any]:
         """The worker's next answer line. Raises TimeoutError after ``timeout`` s, WorkerGone if it exits first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
         while b"\n" not in self._buffer:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            try:
+                fd = self.proc.stdout.fileno()
+                ready, _, _ = select.select([fd], [], [], left)
+                chunk = os.read(fd, 65536) if ready else None
+            except (OSError, ValueError) as err:  # its pipe was closed: killed by CellPool.terminate
+                raise WorkerGone(self.exit_text()) from err
+            if chunk is None:
                 raise TimeoutError
-            chunk = os.read(fd, 65536)
             if not chunk:
                 raise WorkerGone(self.exit_text())
             self._buffer += chunk

@@ -79,7 +79,17 @@ def test_a_worker_killed_mid_cell_fails_that_cell_and_is_replaced(tmp_path):
         assert "started" in got["traceback"]  # the tail of the cell's log
         assert json.loads((log.parent / "result.json").read_text())["status"] == "failed"
         after = _run(pool, tmp_path, _cell("probe"))
-    assert after["status"] == "ok" and len(pool.started) == 2 and after["pid"] == pool.started[1] != killed
+        assert after["status"] == "ok" and len(pool.started) == 2 and after["pid"] == pool.started[1] != killed
+        # an interrupted matrix (Ctrl-C) kills the busy workers at once; their cells fail as with process isolation
+        got.clear()
+        thread = threading.Thread(target=lambda: got.update(_run(pool, tmp_path, _cell("sleep", 1))))
+        thread.start()
+        log = tmp_path / "runs" / "main__sleep__suite__seed1" / "run.log"
+        while not (log.is_file() and "started" in log.read_text()) and time.monotonic() < deadline + 120:
+            time.sleep(0.1)
+        pool.terminate()
+        thread.join(60)
+    assert got["status"] == "failed" and "killed by SIGKILL" in got["error"]
 
 
 def test_the_run_timeout_holds_per_cell_and_a_second_run_reuses_finished_cells(tmp_path):
