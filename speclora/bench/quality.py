@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,35 +39,25 @@ from typing import Any
 
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
+from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import Cell, Plan
-from speclora.bench.quality_worker import CELL, RESULT, run_cell, write_result
+from speclora.bench.quality_worker import (
+    RESULT,
+    failed_result,
+    output_to,
+    run_cell,
+    write_cell_spec,
+    write_result,
+)
 from speclora.tasks import get_task
 
 PLAN = "plan.json"
 META = "meta.json"
+POOL_LOGS = "pool"  # OUT/pool/worker-<n>.log: the pool workers' own output
+ISOLATIONS = ("inline", "process", "pool")
 
 
 # ---------------------------------------------------------------------- running cells
-@contextlib.contextmanager
-def _output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` for a while."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with path.open("ab") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-
-
 def _subset_of(cell: Cell) -> str | None:
     args = list(cell.args)
     return args[args.index("--data.subset") + 1] if "--data.subset" in args else None
@@ -78,7 +68,7 @@ def _run_inline(cell: Cell, run_dir: Path, threads: int | None, conflict_batches
     argv = sys.argv
     sys.argv = argv[:1]  # LightningCLI(args=...) warns when the bench's own arguments are on sys.argv
     try:
-        with _output_to(run_dir / "run.log"):
+        with output_to(run_dir / "run.log"):
             return run_cell(cell, run_dir, threads, conflict_batches, keep_checkpoints)
     finally:
         sys.argv = argv
@@ -86,9 +76,7 @@ def _run_inline(cell: Cell, run_dir: Path, threads: int | None, conflict_batches
 
 def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int, keep_checkpoints: bool,
                  timeout: float | None) -> dict[str, Any]:
-    (run_dir / CELL).write_text(json.dumps({"cell": cell.to_json(), "threads": threads,
-                                            "conflict_batches": conflict_batches,
-                                            "keep_checkpoints": keep_checkpoints}, indent=1))
+    write_cell_spec(run_dir, cell, threads, conflict_batches, keep_checkpoints)
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -102,9 +90,7 @@ def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batche
     path = run_dir / RESULT
     if path.is_file() and not why.startswith("timeout"):
         return json.loads(path.read_text())
-    tail = (run_dir / "run.log").read_text(errors="replace")[-2000:]
-    result = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
-              "tasks": list(cell.tasks), "status": "failed", "error": why, "traceback": tail}
+    result = failed_result(cell, run_dir, why, (run_dir / "run.log").read_text(errors="replace")[-2000:])
     write_result(run_dir, result)
     return result
 
@@ -121,19 +107,24 @@ def run_plan(
     timeout: float | None = None,
     progress: Callable[[str], None] = print,
     what: str = "quality matrix",
+    pool: CellPool | None = None,
+    timings: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell of the plan that has no result yet; return the rows of all cells (planned order).
 
     A cell with a result file is skipped (``retry_failed``: unless it failed); a cell without one starts
     afresh (a half-written run folder is removed first). Returns one row per cell: its result, or a
-    ``status: missing`` row for a cell that did not run.
+    ``status: missing`` row for a cell that did not run. ``isolation``: ``inline`` (this process),
+    ``process`` (a fresh process per cell) or ``pool`` (``jobs`` long-lived worker processes,
+    speclora.bench.quality_pool; ``pool``: one already started, kept open for the caller's next plan).
+    ``timings``: filled with run id -> the wall time of each cell run, as the runner saw it.
     """
-    if isolation not in ("inline", "process"):
-        raise ValueError(f"--isolation={isolation!r}; allowed: inline, process")
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"--isolation={isolation!r}; allowed: {', '.join(ISOLATIONS)}")
     if jobs < 1:
         raise ValueError(f"--jobs={jobs}; allowed: an integer >= 1")
     if isolation == "inline" and jobs > 1:
-        raise ValueError(f"--jobs={jobs} needs --isolation process (inline runs one cell at a time)")
+        raise ValueError(f"--jobs={jobs} needs --isolation process or pool (inline runs one cell at a time)")
     runs = out / "runs"
     todo = pending(plan.cells, out, retry_failed)
     progress(f"{what}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
@@ -148,18 +139,32 @@ def run_plan(
         start = time.perf_counter()
         if isolation == "inline":
             result = _run_inline(cell, run_dir, threads, conflict_batches, keep_checkpoints)
+        elif isolation == "pool":
+            result = workers.run(cell, run_dir, threads, conflict_batches, keep_checkpoints, timeout)
         else:
             result = _run_process(cell, run_dir, threads, conflict_batches, keep_checkpoints, timeout)
+        seconds = time.perf_counter() - start
+        if timings is not None:
+            timings[cell.run_id] = seconds
         avg = result.get("average")
         what = f"average {avg:.2f}" if isinstance(avg, float) else (result.get("error") or "")[:160]
-        progress(f"[{i}/{len(todo)}] {cell.run_id}: {result['status']} in {time.perf_counter() - start:.1f} s, {what}")
+        progress(f"[{i}/{len(todo)}] {cell.run_id}: {result['status']} in {seconds:.1f} s, {what}")
 
-    if jobs == 1:
-        for item in enumerate(todo, 1):
-            one(item)
-    else:
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(one, enumerate(todo, 1)))
+    with contextlib.ExitStack() as stack:
+        workers = pool
+        if isolation == "pool" and workers is None and todo:
+            workers = stack.enter_context(CellPool(jobs, out / POOL_LOGS, threads))
+        if jobs == 1:
+            for item in enumerate(todo, 1):
+                one(item)
+        else:
+            with ThreadPoolExecutor(jobs) as threads_pool:
+                try:
+                    list(threads_pool.map(one, enumerate(todo, 1)))
+                except BaseException:  # e.g. Ctrl-C: do not wait for the pool's running cells to finish
+                    if workers is not None:
+                        workers.terminate()
+                    raise
     return collect_rows(plan.cells, out)
 
 
@@ -290,10 +295,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-single", action="store_true",
                    help="skip the single-task reference cells (no ITR, IC): a comparison between arms only")
     q.add_argument("--one-task", default=None, help="tasks of the single-task case, comma list ('' for none)")
-    q.add_argument("--isolation", choices=("inline", "process"), default=None, help="default: the scale's")
-    q.add_argument("--jobs", type=int, default=None, help="runs at once (process isolation; default: the scale's)")
+    q.add_argument("--isolation", choices=ISOLATIONS, default=None, help="inline: cells in this process; process: "
+                   "a process per cell; pool: --jobs workers running many cells each (default: the scale's)")
+    q.add_argument("--jobs", type=int, default=None, help="runs at once (process, pool; default: the scale's)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
-    q.add_argument("--run-timeout", type=float, default=None, help="seconds before a process run is killed")
+    q.add_argument("--run-timeout", type=float, default=None, help="seconds before a run (process, pool) is killed")
     q.add_argument("--retry-failed", action="store_true", help="rerun cells whose result says failed")
     q.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: delete)")
     q.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
@@ -342,7 +348,7 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     grid = _grid(args, scale)
     seeds = args.seeds if args.seeds is not None else scale.seeds
     isolation = args.isolation or scale.isolation
-    jobs = args.jobs or (scale.jobs if isolation == "process" else 1)
+    jobs = args.jobs or (scale.jobs if isolation != "inline" else 1)
     threads = args.threads if args.threads is not None else scale.threads
     backbone = args.backbone
     if backbone is None:
@@ -378,22 +384,26 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
         return out
     start, load = time.perf_counter(), os.getloadavg()[0]
     todo = len(pending(searched, out, args.retry_failed))
-    if isolation == "process" and jobs > 1:
+    several = isolation != "inline" and jobs > 1  # tokenise before several runs at once would each do it
+    if several:
         warm_cache(Plan(searched, tuple(suite), (), {}) if searched else matrix(), configs, scale, backbone,
                    args.data_dir, args.cache_dir)
-    run_kw = dict(isolation=isolation, jobs=jobs, threads=threads, conflict_batches=scale.conflict_batches,
-                  retry_failed=args.retry_failed, keep_checkpoints=args.keep_checkpoints, timeout=args.run_timeout,
-                  progress=lambda s: print(s, flush=True))
-    if searched:
-        run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
-    plan = matrix()
-    for arm, choice in plan.lr_choice.items():
-        print(f"learning rate of {arm}: {search.fmt_lr(choice['lr'])} {choice['note']}".rstrip(), flush=True)
-    (out / PLAN).write_text(json.dumps(plan.to_json(), indent=1))
-    todo += len(pending(plan.cells, out, args.retry_failed))
-    if isolation == "process" and jobs > 1:
-        warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
-    run_plan(plan, out, **run_kw)
+    with contextlib.ExitStack() as stack:
+        # pool: the same workers run the search and the matrix (each starts when it gets its first cell)
+        pool = stack.enter_context(CellPool(jobs, out / POOL_LOGS, threads)) if isolation == "pool" else None
+        run_kw = dict(isolation=isolation, jobs=jobs, threads=threads, conflict_batches=scale.conflict_batches,
+                      retry_failed=args.retry_failed, keep_checkpoints=args.keep_checkpoints,
+                      timeout=args.run_timeout, progress=lambda s: print(s, flush=True), pool=pool)
+        if searched:
+            run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
+        plan = matrix()
+        for arm, choice in plan.lr_choice.items():
+            print(f"learning rate of {arm}: {search.fmt_lr(choice['lr'])} {choice['note']}".rstrip(), flush=True)
+        (out / PLAN).write_text(json.dumps(plan.to_json(), indent=1))
+        todo += len(pending(plan.cells, out, args.retry_failed))
+        if several:
+            warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
+        run_plan(plan, out, **run_kw)
     label = ("smoke run on a tiny random encoder: checks the pipeline, NOT a quality result"
              if scale.name == "smoke" else "")
     meta = {"scale": scale.name, "label": label, "command": "speclora-bench " + shlex.join(argv),
@@ -423,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["perf"]:  # the performance report (speclora.bench.perf) has a parser of its own
         from speclora.bench.perf import main as perf
         return perf(argv[1:], prog="speclora-bench perf")
+    if argv[:1] == ["isolation"]:  # process vs pool on the same cells (speclora.bench.isolation)
+        from speclora.bench.isolation import main as isolation
+        return isolation(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "quality":
         quality(args, argv)

@@ -15,10 +15,13 @@ tables need and writes ``RUN_DIR/result.json`` (written last, atomically: its pr
 A failing run writes a result with ``status: failed`` and the error, so that the tables report it.
 
     python -m speclora.bench.quality_worker RUN_DIR      # runs RUN_DIR/cell.json (process isolation)
+
+(``pool`` isolation runs :func:`run_cell` in long-lived workers instead: speclora.bench.quality_pool.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -200,10 +204,46 @@ def spectral_snapshot(trainer, run_dir: Path) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------- one cell
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2) to ``path`` for a while."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def write_cell_spec(run_dir: Path, cell: Cell, threads: int | None, conflict_batches: int,
+                    keep_checkpoints: bool) -> None:
+    """``run_dir/cell.json``: what a worker process runs (``process`` and ``pool`` isolation)."""
+    (run_dir / CELL).write_text(json.dumps({"cell": cell.to_json(), "threads": threads,
+                                            "conflict_batches": conflict_batches,
+                                            "keep_checkpoints": keep_checkpoints}, indent=1))
+
+
 def _base_result(cell: Cell) -> dict[str, Any]:
     return {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
             "tasks": list(cell.tasks), "status": "failed", "error": None,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def failed_result(cell: Cell | None, run_dir: Path, error: str, trace: str) -> dict[str, Any]:
+    """The result of a cell that did not finish (its worker died, timed out, or it raised past run_cell)."""
+    if cell is None:  # its cell.json could not be read
+        return {"run_id": run_dir.name, "status": "failed", "error": error, "traceback": trace}
+    return {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
+            "tasks": list(cell.tasks), "status": "failed", "error": error, "traceback": trace}
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:

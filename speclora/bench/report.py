@@ -428,8 +428,8 @@ How each number is measured (speclora.bench; same code path as `speclora fit` + 
 - **Time**: wall time of the whole `fit` call (validation included) and that divided by the steps; on a shared
   machine, and with several runs at once, times are indicative only. **Memory**: GPU runs: peak
   `torch.cuda.max_memory_allocated`; CPU runs: peak resident set of the process (VmHWM, reset before the fit;
-  with `--isolation inline` the process also holds what earlier runs left, so compare CPU memory only from
-  `--isolation process` runs).
+  with `--isolation inline` or `pool` the process also holds what earlier runs left, so compare CPU memory
+  only from `--isolation process` runs).
 - **Gradient conflict**: after training, at the tested weights, in eval mode, on the first training batches of
   the seed's mixing order (the same batches for every method), each task's raw loss gradient (no surgery, no
   extra loss). *conflict rate (W)*: share of task pairs with cos < 0 of the gradients on the encoder's attention

@@ -8,6 +8,8 @@ import json
 import pytest
 
 from speclora.bench import quality
+from speclora.bench.isolation import differences
+from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import (
     REPO_CONFIGS,
     SCALES,
@@ -119,6 +121,21 @@ def test_resume_skips_finished_runs(smoke, monkeypatch, capsys):
     # the matrix's wall time comes from its runs, so a second invocation that ran nothing leaves it as it was
     wall = (out / "results.md").read_text().split("- matrix wall time: ")[1].split(" h ")[0]
     assert float(wall) > 0
+
+
+def test_cells_run_in_a_pool_give_the_results_of_inline_runs(smoke, tmp_path):
+    """Three cells of the matrix (the spectral method, a baseline, a single-task reference) one after the other
+    in one pool worker: every measure of result.json and spectral.npz as in the inline run, timings aside."""
+    out, _ = smoke
+    plan = Plan.from_json(json.loads((out / "plan.json").read_text()))
+    picked = [next(c for c in plan.cells if c.seed == 1 and (c.group, c.arm) == key)
+              for key in (("main", "speclora"), ("main", "independent"), ("single", "single"))]
+    with CellPool(1, tmp_path / "pool", threads=1) as pool:
+        rows = quality.run_plan(Plan(tuple(picked), plan.suite, (), {}), tmp_path, isolation="pool", threads=1,
+                                conflict_batches=SCALES["smoke"].conflict_batches, pool=pool, progress=lambda s: None)
+    assert [r["status"] for r in rows] == ["ok"] * 3 and len(pool.started) == 1
+    assert (tmp_path / "runs" / picked[0].run_id / "spectral.npz").is_file()
+    assert [d for c in picked for d in differences(c.run_id, out, tmp_path)] == []
 
 
 def test_a_failing_run_is_reported_as_failed(tmp_path, tiny_backbone, data_root):
