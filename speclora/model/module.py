@@ -31,6 +31,7 @@ from speclora.checkpoint import (
 )
 from speclora.metrics import TaskMetrics, suite_average
 from speclora.model.adapted import AdaptedEncoder, BuildInputs, upgrade_state_dict
+from speclora.model.compile import CompileConfig, compile_config
 from speclora.model.config import LoRAConfig, OptimConfig, config_from
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import resolve_targets
@@ -71,6 +72,10 @@ class SpecLoRAModule(L.LightningModule):
             weights' memory and runs the matmuls on bf16 tensor cores, with no per-step weight cast (unlike
             ``trainer.precision=bf16-mixed``, which casts the frozen weights at every step).
         tf32: let float32 matmuls use TF32 tensor cores on a CUDA GPU that has them (Ampere and later).
+        compile: run the adapted encoder's forward through ``torch.compile`` (``mode``: off, default,
+            reduce-overhead, max-autotune; ``backend``, ``dynamic``, ``fullgraph``: speclora.model.compile).
+            State-dict keys and checkpoints are unchanged; where compiling fails the step runs eagerly, with a
+            warning and ``train/compile_fallbacks`` counting it. Also takes a mode name or a bool (true = default).
 
     The method builds the adapted encoder (speclora.model.adapted) in the constructor, and the module holds
     it as ``adapted``; ``encoder``, ``router``, ``slots`` and ``targets`` read its parts.
@@ -92,6 +97,7 @@ class SpecLoRAModule(L.LightningModule):
         loss_weights: Literal["uniform", "size"] = "uniform",
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         tf32: bool = True,
+        compile: CompileConfig = CompileConfig(),  # noqa: B008 - frozen dataclass, the CLI's default
     ) -> None:
         super().__init__()
         self.specs = resolve_tasks(tasks)
@@ -99,6 +105,7 @@ class SpecLoRAModule(L.LightningModule):
         method = resolve_method(method)
         lora = config_from(lora, LoRAConfig, "model.lora")
         optim = config_from(optim, OptimConfig, "model.optim")
+        compiled = compile_config(compile)
         method.check(self.specs)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
@@ -110,7 +117,7 @@ class SpecLoRAModule(L.LightningModule):
                                    "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
                                    "head_dropout": head_dropout, "loss_weights": loss_weights,
-                                   "encoder_dtype": encoder_dtype, "tf32": tf32})
+                                   "encoder_dtype": encoder_dtype, "tf32": tf32, "compile": asdict(compiled)})
         self.method_name = method.name
         self.lora_cfg = lora
         self.optim_cfg = optim
@@ -139,6 +146,8 @@ class SpecLoRAModule(L.LightningModule):
         self.tf32 = tf32
         if encoder_dtype != "float32":
             self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
+        self.compile_cfg = compiled
+        self.adapted.use_compile(compiled)  # eager unless model.compile.mode is set (speclora.model.compile)
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict(
             {
@@ -282,6 +291,8 @@ class SpecLoRAModule(L.LightningModule):
         counts = self.trainable_parameters()
         rank_zero_info(f"trainable parameters: {counts['trainable']:,} (encoder side {counts['encoder_side']:,}, "
                        f"method modules {counts['method']:,}, heads {counts['heads']:,}), method {self.method_name}")
+        if self.adapted.encoder_call is not None:
+            rank_zero_info(f"model.compile: {self.adapted.encoder_call!r}")
         for logger in self.loggers:
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
         self.method.on_fit_start(self)
@@ -324,6 +335,9 @@ class SpecLoRAModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
+        if self.compile_cfg.enabled:  # a host int: a fallback to eager is counted, never silent
+            self.log("train/compile_fallbacks", float(self.adapted.compile_fallbacks), on_step=True, on_epoch=False,
+                     batch_size=1)
         self._guard.report(int(skipped), int(last))
         if "loss" in values:
             # shown as a number: a logged tensor on the bar would be read back from the device every step
