@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from speclora.backbone import resolve_backbone
 from speclora.bench import measure
 from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import get_method
 from speclora.model.compile import CompileConfig
 from speclora.model.lora import lora_modules, resolve_targets
 from speclora.model.module import LoRAConfig, SpecLoRAModule
@@ -169,7 +170,7 @@ def build(variant: str, args) -> Callable[[dict, str], None]:
         model = PeftClassifier(args.backbone).to(device)
         loss_of = model
     else:
-        method = "shared" if variant == "shared" else "independent"
+        method = get_method("shared" if variant == "shared" else "independent")  # imports the method classes
         compiled = CompileConfig(mode=COMPILE_MODES[variant], backend=args.compile_backend,
                                  dynamic=args.compile_dynamic) if variant in COMPILE_MODES else CompileConfig()
         model = SpecLoRAModule(suite, backbone=args.backbone, method=method, compile=compiled).to(device)

@@ -235,3 +235,21 @@ def test_compile_leaves_the_state_dict_keys_and_copies_alone(tiny_backbone, batc
     with torch.no_grad():
         ours, theirs = module.encode(batches[0]), twin.encode(batches[0])
     assert (ours - theirs).abs().max() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_fit_through_the_cli_with_model_compile_logs_no_fallback(tiny_backbone, data_root, tmp_path):
+    from speclora.cli import main
+    from tests.cli_args import fit_args
+
+    args = fit_args(tiny_backbone, data_root, tmp_path.parent / "token_cache", tmp_path / "runs", steps=3)
+    cli = main(["fit", *args, "--model.compile.mode", "default", "--model.compile.backend", "eager",
+                "--trainer.log_every_n_steps", "1"])
+    module = cli.model
+    assert module.compile_cfg == CompileConfig(mode="default", backend="eager")
+    assert module.adapted.encoder_call.active and module.adapted.encoder_call._compiled is not None
+    assert float(cli.trainer.callback_metrics["train/compile_fallbacks"]) == 0.0
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    ckpt = torch.load(next((tmp_path / "runs").rglob("*.ckpt")), weights_only=False)
+    assert ckpt["hyper_parameters"]["compile"]["mode"] == "default"
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
