@@ -14,18 +14,26 @@ every shape (each new length compiles anew, up to dynamo's recompile limit).
 
 Failures: torch.compile compiles at the first call of each new guard set (first batch, the first
 evaluation under no_grad, ...). Where dynamo or its backend fails then (``TorchDynamoException``: an
-unsupported construct, a backend compiler error; or dynamo's recompile limit hit, ``recompile_limit`` graphs
-for one function, which dynamo itself would answer by running eagerly with a log line only), :class:`CompiledFunction` logs a
-warning naming the error, counts it (``compile_fallbacks``, logged as ``train/compile_fallbacks``), and runs
-that call and every later one eagerly. A method that cannot be compiled says so (``Method.compile_unsupported``)
-and is run eagerly from the start, with the same warning and count. Errors of the model itself (a wrong
-router index, a shape mismatch) are not compile failures: eager raises them the same way, so they propagate.
+unsupported construct, a backend compiler error; or dynamo's recompile limit hit, ``recompile_limit``
+graphs for one function, which dynamo itself would answer by running eagerly with a log line only),
+:class:`CompiledFunction` logs a warning naming the error, counts it (``compile_fallbacks``, logged as
+``train/compile_fallbacks``), and runs that call and every later one eagerly. A method that cannot be
+compiled says so (``Method.compile_unsupported``) and is run eagerly from the start, with the same warning
+and count. Errors of the model itself (a wrong router index, a shape mismatch) are not compile failures:
+eager raises them the same way, so they propagate.
+
+Process-wide effects: the first compile turns AOTAutograd's buffer donation off (:func:`_keep_buffers`:
+Ortho's per-task backward passes need the graph kept); each compiled function has its own copy of the code
+(:func:`_private_copy`), so its graphs and recompile budget are its own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,10 +122,10 @@ class CompiledFunction:
     """``fn`` compiled by torch.compile (``config``), falling back to ``fn`` itself where compiling fails.
 
     Calls go to the compiled function until a call raises a dynamo / backend error
-    (``torch._dynamo.exc.TorchDynamoException``, or ``FailOnRecompileLimitHit``: the call sets dynamo's
-    ``fail_on_recompile_limit_hit`` for its duration); that call is then run eagerly, a warning names ``what`` and
-    the error, :attr:`fallbacks` counts it, and every later call runs eagerly. ``refuse``: a reason not to
-    compile at all (an incompatible method): eager from the start, warned and counted the same way.
+    (``torch._dynamo.exc.TorchDynamoException``, or ``FailOnRecompileLimitHit``: :func:`_compile_settings`);
+    that call is then run eagerly, a warning names ``what`` and the error, :attr:`fallbacks` counts it, and
+    every later call runs eagerly. ``refuse``: a reason not to compile at all (an incompatible method): eager
+    from the start, warned and counted the same way.
 
     The compiled function is built at the first call and not pickled or deep-copied (a copy compiles anew
     for its own ``fn``).
@@ -144,16 +152,17 @@ class CompiledFunction:
         if self.reason is not None:
             return self.fn(*args, **kwargs)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, **self.config.options())
-        config = torch._dynamo.config
-        saved = config.fail_on_recompile_limit_hit
-        config.fail_on_recompile_limit_hit = True  # raise (then fall back, counted) instead of dynamo's quiet eager
-        try:
-            return self._compiled(*args, **kwargs)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
-            self._fall_back(f"{type(err).__name__}: {_first_line(err)}")
-        finally:
-            config.fail_on_recompile_limit_hit = saved
+            _keep_buffers()
+            self._compiled = torch.compile(_private_copy(self.fn), **self.config.options())
+        if self.config.mode == "reduce-overhead":
+            # CUDA graphs: a new step begins at each forward (the previous step's outputs are spent by then:
+            # its backward has run), so a replay never waits on, or overwrites, tensors still in use
+            torch.compiler.cudagraph_mark_step_begin()
+        with _compile_settings():
+            try:
+                return self._compiled(*args, **kwargs)
+            except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as err:
+                self._fall_back(f"{type(err).__name__}: {_first_line(err)}")
         return self.fn(*args, **kwargs)
 
     def _fall_back(self, reason: str) -> None:
@@ -171,6 +180,51 @@ class CompiledFunction:
     def __repr__(self) -> str:
         state = "compiled" if self.active else f"eager ({self.reason})"
         return f"CompiledFunction({self.what}, {self.config}, {state}, fallbacks={self.fallbacks})"
+
+
+def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a function or bound method) with its own copy of the code object.
+
+    Dynamo keeps compiled graphs, and counts recompiles against its limit, per code object: every module's
+    ``run_encoder`` shares one, so modules of different methods in one process (benchmarks, tests, several
+    runs in one process) would use up each other's recompile budget, and dead modules' graphs would stay
+    cached. A private code object gives each compiled function its own cache, freed with it."""
+    func, owner = (fn.__func__, fn.__self__) if inspect.ismethod(fn) else (fn, None)
+    if not inspect.isfunction(func):
+        return fn
+    private = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                                 func.__closure__)
+    private.__kwdefaults__ = func.__kwdefaults__
+    private.__qualname__ = func.__qualname__
+    return types.MethodType(private, owner) if owner is not None else private
+
+
+@contextlib.contextmanager
+def _compile_settings() -> Iterator[None]:
+    """dynamo's ``fail_on_recompile_limit_hit`` for the duration of a compiled call (read when it compiles):
+    past the recompile limit dynamo raises, and the caller falls back, counted, instead of dynamo running the
+    function eagerly with a log line only."""
+    config = torch._dynamo.config
+    saved = config.fail_on_recompile_limit_hit
+    config.fail_on_recompile_limit_hit = True
+    try:
+        yield
+    finally:
+        config.fail_on_recompile_limit_hit = saved
+
+
+def _keep_buffers() -> None:
+    """AOTAutograd's buffer donation off, for the process (``torch._functorch.config.donated_buffer``).
+
+    A compiled backward that donates its saved buffers refuses a second backward through the same forward
+    (``retain_graph=True``), which Ortho and ``task_grads: backward`` take once per task; torch reads the
+    setting both when it compiles and when the backward runs, so it cannot be set for a call only. Donation
+    only lowers the backward's peak memory; it is off for every method alike, from the first compile on."""
+    config = torch._functorch.config
+    if config.donated_buffer:
+        config.donated_buffer = False
+        log.info("%s: torch._functorch.config.donated_buffer set to False for this process (methods that take "
+                 "several backward passes through one forward need the compiled graph's buffers kept)", _KEY)
 
 
 def _first_line(err: BaseException) -> str:
