@@ -72,10 +72,7 @@ class SpecLoRAModule(L.LightningModule):
             weights' memory and runs the matmuls on bf16 tensor cores, with no per-step weight cast (unlike
             ``trainer.precision=bf16-mixed``, which casts the frozen weights at every step).
         tf32: let float32 matmuls use TF32 tensor cores on a CUDA GPU that has them (Ampere and later).
-        compile: run the adapted encoder's forward through ``torch.compile`` (``mode``: off, default,
-            reduce-overhead, max-autotune; ``backend``, ``dynamic``, ``fullgraph``: speclora.model.compile).
-            State-dict keys and checkpoints are unchanged; where compiling fails the step runs eagerly, with a
-            warning and ``train/compile_fallbacks`` counting it. Also takes a mode name or a bool (true = default).
+        compile: ``torch.compile`` of the adapted encoder's forward (speclora.model.compile); or a mode, a bool.
 
     The method builds the adapted encoder (speclora.model.adapted) in the constructor, and the module holds
     it as ``adapted``; ``encoder``, ``router``, ``slots`` and ``targets`` read its parts.
@@ -105,7 +102,7 @@ class SpecLoRAModule(L.LightningModule):
         method = resolve_method(method)
         lora = config_from(lora, LoRAConfig, "model.lora")
         optim = config_from(optim, OptimConfig, "model.optim")
-        compiled = compile_config(compile)
+        self.compile_cfg = compile_config(compile)
         method.check(self.specs)
         if pooling not in ("cls", "mean"):
             raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
@@ -117,7 +114,7 @@ class SpecLoRAModule(L.LightningModule):
                                    "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
                                    "head_dropout": head_dropout, "loss_weights": loss_weights,
-                                   "encoder_dtype": encoder_dtype, "tf32": tf32, "compile": asdict(compiled)})
+                                   "encoder_dtype": encoder_dtype, "tf32": tf32, "compile": asdict(self.compile_cfg)})
         self.method_name = method.name
         self.lora_cfg = lora
         self.optim_cfg = optim
@@ -146,8 +143,7 @@ class SpecLoRAModule(L.LightningModule):
         self.tf32 = tf32
         if encoder_dtype != "float32":
             self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
-        self.compile_cfg = compiled
-        self.adapted.use_compile(compiled)  # eager unless model.compile.mode is set (speclora.model.compile)
+        self.adapted.use_compile(self.compile_cfg)  # eager unless model.compile.mode is set
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict(
             {
@@ -291,8 +287,6 @@ class SpecLoRAModule(L.LightningModule):
         counts = self.trainable_parameters()
         rank_zero_info(f"trainable parameters: {counts['trainable']:,} (encoder side {counts['encoder_side']:,}, "
                        f"method modules {counts['method']:,}, heads {counts['heads']:,}), method {self.method_name}")
-        if self.adapted.encoder_call is not None:
-            rank_zero_info(f"model.compile: {self.adapted.encoder_call!r}")
         for logger in self.loggers:
             logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
         self.method.on_fit_start(self)
@@ -336,8 +330,7 @@ class SpecLoRAModule(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
         if self.compile_cfg.enabled:  # a host int: a fallback to eager is counted, never silent
-            self.log("train/compile_fallbacks", float(self.adapted.compile_fallbacks), on_step=True, on_epoch=False,
-                     batch_size=1)
+            self.log("train/compile_fallbacks", float(self.adapted.compile_fallbacks), on_step=True, batch_size=1)
         self._guard.report(int(skipped), int(last))
         if "loss" in values:
             # shown as a number: a logged tensor on the bar would be read back from the device every step
