@@ -10,7 +10,8 @@ Sections, in this order, each with its own time limit (``--limit NAME=SECONDS``)
    10⁶; cpu: 10³, 10⁴, 10⁵), k = 32: cold solve time, iterations, residual, orthonormality; warm refresh
    (perturbed graph, warm start from the cold vectors); dense eigh where feasible.
 2. ``throughput`` (speclora.bench.throughput): training step of the default suite and backbone, independent vs
-   shared vs plain peft LoRA (one adapter); batch 32 and 256 on cuda (8 and 32 on cpu), fp32 / TF32 / bf16
+   shared vs plain peft LoRA (one adapter) vs independent under ``model.compile`` (mode default; on cuda also
+   reduce-overhead, CUDA graphs); batch 32 and 256 on cuda (8 and 32 on cpu), fp32 / TF32 / bf16
    autocast on cuda; ms/step, samples/s, and per steady-state step the host reads, aten ops and (cuda) kernel
    launches and synchronisations counted by torch.profiler.
 3. ``overhead`` (speclora.bench.spectral_overhead): paired step-time ratio with / without the spectral callback
@@ -73,7 +74,8 @@ def plan(device: str, scale: str, backbone: str, data_dir: str | None) -> list[S
     if scale == "tiny":
         eigen = [(*eig, "--graph", "param", "--sizes", "64", "128", "256", "512", "--k", "4", "--dense-max", "512"),
                  (*eig, "--graph", "param", "random", "--sizes", "200", "400", "--k", "4", "--dense-max", "400")]
-        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "--batch-sizes", "4",
+        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "independent-compiled",
+                      "--compile-backend", "eager", "--batch-sizes", "4",  # eager backend: the pipeline, fast
                       "--precisions", "fp32", "--steps", "2", "--rounds", "1", "--count", "--count-steps", "1")
         overhead = (*data, "--accelerator", "gpu" if cuda else "cpu", "--steps", "3", "--rounds", "2",
                     "--batch-size", "8")
@@ -85,18 +87,20 @@ def plan(device: str, scale: str, backbone: str, data_dir: str | None) -> list[S
                   "--dense-max", "8000"),
                  (*eig, "--graph", "param", "random", "--sizes", "10000", "100000", "1000000", "--k", "32",
                   "--dense-max", "10000")]
-        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "--batch-sizes", "32",
-                      "256", "--precisions", "fp32", "tf32", "bf16", "--steps", "10", "--rounds", "3", "--count")
+        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "independent-compiled",
+                      "independent-cudagraphs", "--batch-sizes", "32", "256", "--precisions", "fp32", "tf32", "bf16",
+                      "--steps", "10", "--rounds", "3", "--count")
         overhead = (*data, "--accelerator", "gpu", "--steps", "16", "--rounds", "2")
         methods = (*data, "--device", device, "--steps", "5", "--count-steps", "2", "--isolation", "inline")
-        limits = (150, 180, 90, 120)
+        limits = (150, 300, 90, 120)  # throughput: two compiled variants (each compiles at its first batch)
     else:
         eigen = [(*eig, "--graph", "param", "--sizes", "128", "256", "512", "1024", "2048", "--k", "32",
                   "--dense-max", "2048", "--threads", "1"),
                  (*eig, "--graph", "param", "random", "--sizes", "1000", "10000", "100000", "--k", "32",
                   "--dense-max", "2000", "--threads", "1")]
-        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "--batch-sizes", "8",
-                      "32", "--precisions", "fp32", "--steps", "3", "--rounds", "2", "--count", "--count-steps", "1")
+        throughput = (*data, "--device", device, "--variants", "independent", "shared", "peft", "independent-compiled",
+                      "--batch-sizes", "8", "32", "--precisions", "fp32", "--steps", "3", "--rounds", "2", "--count",
+                      "--count-steps", "1")
         overhead = (*data, "--accelerator", "cpu", "--steps", "6", "--rounds", "2")
         methods = (*data, "--device", device, "--steps", "4", "--count-steps", "1")
         limits = (420, 600, 420, 1200)

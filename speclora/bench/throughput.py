@@ -2,6 +2,7 @@
 
     python -m speclora.bench.throughput [--backbone default] [--batch-sizes 32 256] [--steps 10] [--device cuda]
                                         [--precisions fp32 tf32 bf16] [--variants independent shared peft] [--count]
+                                        [--compile-backend inductor] [--compile-dynamic true]
 
 Measured in one run, interleaved round by round so that the machine's load hits every variant alike, on the
 same batches of the 10-task default suite (max_length 128), for each batch size and precision:
@@ -11,6 +12,11 @@ same batches of the 10-task default suite (max_length 128), for each batch size 
   (one adapter, the same rank, alpha and targets, a linear head on [CLS]: the reference cost of LoRA);
   ``independent-pad128`` every sequence padded to 128; ``short`` / ``short-pad128`` the stacked layer on
   single-sentence tasks only (CoLA + SST-2), where dynamic padding has room to help;
+  ``independent-compiled`` / ``independent-cudagraphs`` the ``independent`` step with ``model.compile`` mode
+  ``default`` / ``reduce-overhead`` (CUDA graphs; the same as ``default`` on a CPU), the adapted encoder's
+  forward compiled by torch.compile (speclora.model.compile; ``--compile-backend``, ``--compile-dynamic``);
+  the warm-up pass, which compiles, is reported as ``warmup_s``, and a fallback to eager as
+  ``compile_fallbacks`` (then the row measures eager);
 - inference on the same mixed batches: ``infer`` our stacked layer vs ``infer-peft`` peft's own mixed-batch
   path (``model(..., adapter_names=[...])``, which peft allows in eval mode only).
 
@@ -38,6 +44,8 @@ from torch.nn import functional as F
 from speclora.backbone import resolve_backbone
 from speclora.bench import measure
 from speclora.data.datamodule import MultiTaskDataModule
+from speclora.methods import get_method
+from speclora.model.compile import CompileConfig
 from speclora.model.lora import lora_modules, resolve_targets
 from speclora.model.module import LoRAConfig, SpecLoRAModule
 from speclora.tasks import DEFAULT_SUITE
@@ -51,6 +59,9 @@ VARIANTS = {  # name -> (suite, padding, what it is)
     "independent-pad128": (DEFAULT_SUITE, "max_length", "train, stacked LoRA, every sequence padded to 128"),
     "short": (SHORT_SUITE, "dynamic", "train, stacked LoRA, CoLA + SST-2 only"),
     "short-pad128": (SHORT_SUITE, "max_length", "train, stacked LoRA, CoLA + SST-2, padded to 128"),
+    "independent-compiled": (DEFAULT_SUITE, "dynamic", "train, stacked LoRA, model.compile mode default"),
+    "independent-cudagraphs": (DEFAULT_SUITE, "dynamic", "train, stacked LoRA, model.compile mode "
+                               "reduce-overhead (CUDA graphs)"),
     "infer": (DEFAULT_SUITE, "dynamic", "inference, stacked LoRA"),
     "infer-peft": (DEFAULT_SUITE, "dynamic", "inference, peft mixed-batch (adapter_names)"),
 }
@@ -61,7 +72,10 @@ RATIOS = [  # (numerator, denominator, what)
     ("infer", "infer-peft", "stacked / peft mixed-batch inference"),
     ("independent", "independent-pad128", "dynamic / pad-128 training, default suite"),
     ("short", "short-pad128", "dynamic / pad-128 training, " + "+".join(SHORT_SUITE)),
+    ("independent-compiled", "independent", "compiled / eager training (model.compile default)"),
+    ("independent-cudagraphs", "independent", "compiled / eager training (reduce-overhead)"),
 ]
+COMPILE_MODES = {"independent-compiled": "default", "independent-cudagraphs": "reduce-overhead"}
 
 
 # ---------------------------------------------------------------------- data and precision
@@ -137,7 +151,8 @@ def _peft_mixed(args, num_tasks: int, device: torch.device):
 
 
 def build(variant: str, args) -> Callable[[dict, str], None]:
-    """The model of ``variant`` on the device; returns ``step(batch, precision)``, one training or inference step."""
+    """The model of ``variant`` on the device; returns ``step(batch, precision)``, one training or inference step
+    (a compiled variant's step has ``compile_fallbacks()``, how often model.compile fell back to eager)."""
     device = torch.device(args.device)
     suite = VARIANTS[variant][0]
     if variant == "infer-peft":
@@ -155,8 +170,10 @@ def build(variant: str, args) -> Callable[[dict, str], None]:
         model = PeftClassifier(args.backbone).to(device)
         loss_of = model
     else:
-        method = "shared" if variant == "shared" else "independent"
-        model = SpecLoRAModule(suite, backbone=args.backbone, method=method).to(device)
+        method = get_method("shared" if variant == "shared" else "independent")  # imports the method classes
+        compiled = CompileConfig(mode=COMPILE_MODES[variant], backend=args.compile_backend,
+                                 dynamic=args.compile_dynamic) if variant in COMPILE_MODES else CompileConfig()
+        model = SpecLoRAModule(suite, backbone=args.backbone, method=method, compile=compiled).to(device)
         for _, layer in lora_modules(model.encoder):  # non-zero B so every adapter does real work
             torch.nn.init.normal_(layer.lora_B, std=0.01)
 
@@ -182,6 +199,8 @@ def build(variant: str, args) -> Callable[[dict, str], None]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if isinstance(model, SpecLoRAModule) and model.compile_cfg.enabled:
+        train.compile_fallbacks = lambda: model.adapted.compile_fallbacks  # type: ignore[attr-defined]
     return train
 
 
@@ -216,8 +235,7 @@ def run(args: argparse.Namespace, emit: Callable[[dict], None] | None = None) ->
 
 def _measure(args, steps, data, batch_size: int, precision: str, device: torch.device, emit) -> list[dict]:
     batches = {v: data[(tuple(VARIANTS[v][0]), VARIANTS[v][1])] for v in args.variants}
-    for v in args.variants:  # warm-up
-        _time(steps[v], batches[v], precision, device)
+    warmup = {v: _time(steps[v], batches[v], precision, device) for v in args.variants}  # compiles, if it does
     times: dict[str, list[float]] = {v: [] for v in args.variants}
     for _ in range(args.rounds):
         for v in args.variants:
@@ -228,7 +246,9 @@ def _measure(args, steps, data, batch_size: int, precision: str, device: torch.d
         examples = sum(int(b["task"].numel()) for b in batches[v])
         row = {"variant": v, "batch": batch_size, "precision": precision, "ms_per_step": median / args.steps * 1000,
                "samples_per_s": examples / median,
-               "mean_length": statistics.mean(b["input_ids"].shape[1] for b in batches[v])}
+               "mean_length": statistics.mean(b["input_ids"].shape[1] for b in batches[v]), "warmup_s": warmup[v]}
+        if hasattr(steps[v], "compile_fallbacks"):
+            row["compile_fallbacks"] = steps[v].compile_fallbacks()
         if args.count:
             row.update(measure.profile_steps(lambda s=steps[v], b=batches[v][0]: s(b, precision),
                                              args.count_steps, device))
@@ -242,7 +262,8 @@ def _measure(args, steps, data, batch_size: int, precision: str, device: torch.d
         command = measure.command(MODULE, args.argv, batch_sizes=[batch_size], precisions=[precision])
         for r in rows:
             figures = {k: r.get(k) for k in ("ms_per_step", "samples_per_s", "vs_independent", "mean_length",
-                                             "host_reads", "aten_ops", "leaf_ops", "cuda_launches", "cuda_syncs")}
+                                             "warmup_s", "compile_fallbacks", "host_reads", "aten_ops", "leaf_ops",
+                                             "cuda_launches", "cuda_syncs")}
             emit(measure.record("training step", {"variant": r["variant"], "batch": batch_size,
                                                   "precision": precision}, figures, command))
     return rows
@@ -252,11 +273,12 @@ def _print(args, rows: list[dict], by_variant: dict[str, dict], batch_size: int,
     print(f"device={args.device} backbone={args.backbone} batch={batch_size} precision={precision} "
           f"steps={args.steps} rounds={args.rounds} tasks={len(DEFAULT_SUITE)}")
     counted = [k for k in ("host_reads", "aten_ops", "leaf_ops", "cuda_launches", "cuda_syncs") if k in rows[0]]
-    print(f"{'variant':20s} {'ms/step':>9s} {'samples/s':>10s} {'length':>7s}" +
+    print(f"{'variant':22s} {'ms/step':>9s} {'samples/s':>10s} {'length':>7s} {'warm-up s':>9s}" +
           "".join(f" {k:>13s}" for k in counted))
     for r in rows:
-        print(f"{r['variant']:20s} {r['ms_per_step']:9.1f} {r['samples_per_s']:10.1f} {r['mean_length']:7.1f}" +
-              "".join(f" {r[k]:13.1f}" for k in counted))
+        fallback = f"  (model.compile fell back to eager {r['compile_fallbacks']}x)" if r.get("compile_fallbacks") else ""
+        print(f"{r['variant']:22s} {r['ms_per_step']:9.1f} {r['samples_per_s']:10.1f} {r['mean_length']:7.1f} "
+              f"{r['warmup_s']:9.1f}" + "".join(f" {r[k]:13.1f}" for k in counted) + fallback)
     for num, den, what in RATIOS:
         if num in by_variant and den in by_variant:
             ratio = by_variant[num]["samples_per_s"] / by_variant[den]["samples_per_s"]
@@ -277,9 +299,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--count-steps", type=int, default=2, help="profiled steps per variant with --count")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled variants (model.compile.backend)")
+    parser.add_argument("--compile-dynamic", choices=("auto", "true", "false"), default="true",
+                        help="model.compile.dynamic of the compiled variants (auto: torch's automatic); default "
+                             "true: one symbolic-shape graph, compiled once")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
+    args.compile_dynamic = {"auto": None, "true": True, "false": False}[args.compile_dynamic]
+    if set(args.variants) & set(COMPILE_MODES):
+        try:
+            CompileConfig(mode="default", backend=args.compile_backend)
+        except ValueError as err:
+            parser.error(f"--compile-backend: {err}")
     try:
         device = measure.check_device(args.device)
     except ValueError as err:

@@ -16,7 +16,8 @@ onto the LightningModule. The parts::
 
 The path of a forward (:meth:`AdaptedEncoder.forward`): the method routes (``route`` -> (N,) adapter per
 row, set on the router), prepares what the layers read besides (``before_encode``: generated weights or
-per-row scales on the router, a gradient capture), the encoder runs once, and the router is cleared.
+per-row scales on the router, a gradient capture), the encoder runs once (:meth:`AdaptedEncoder.run_encoder`,
+compiled under ``model.compile``: speclora.model.compile), and the router is cleared.
 
 State-dict keys: the module holds this as ``adapted``, so its keys are ``adapted.encoder.*``,
 ``adapted.method_net.*`` and ``adapted.method_state.*``. Checkpoints written before (``encoder.*``,
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
+from speclora.model.compile import CompileConfig, CompiledFunction
 from speclora.model.config import LoRAConfig
 from speclora.model.lora import AdapterRouter, LoRASlot
 from speclora.model.step import encoder_attention_mask
@@ -98,6 +100,23 @@ class AdaptedEncoder(nn.Module):
         self.method_net = method_net
         self.method_state = method_state
         self.work = work
+        self.encoder_call: CompiledFunction | None = None  # model.compile's compiled run_encoder (None: eager)
+
+    def use_compile(self, config: CompileConfig) -> CompiledFunction | None:
+        """Run :meth:`run_encoder` compiled by torch.compile from the next forward (``config.mode`` off: eagerly).
+        A method that cannot be compiled (``Method.compile_unsupported``) runs eagerly, warned and counted."""
+        self.encoder_call = None
+        if config.enabled:
+            name = type(self.method).__name__
+            refuse = self.method.compile_unsupported
+            self.encoder_call = CompiledFunction(self.run_encoder, config, f"the adapted encoder of method {name}",
+                                                 refuse=f"method {name}: {refuse}" if refuse else None)
+        return self.encoder_call
+
+    @property
+    def compile_fallbacks(self) -> int:
+        """How many times model.compile fell back to eager (0 when compiled, or when compile is off)."""
+        return self.encoder_call.fallbacks if self.encoder_call is not None else 0
 
     def forward(self, batch: Mapping[str, Any]) -> Tensor:
         """(N, L, H) last hidden states of the batch's sequences, each row through its adapter."""
@@ -108,15 +127,22 @@ class AdaptedEncoder(nn.Module):
             known = batch.get("present_tasks") if index is not None and index is batch.get("seq_task") else None
             router.set(index, known_ids=known)
         self.method.before_encode(self, batch)
+        run = self.encoder_call if self.encoder_call is not None else self.run_encoder
         try:
-            return self.encoder(
-                input_ids=batch["input_ids"],
-                attention_mask=encoder_attention_mask(self.encoder, batch["attention_mask"]),
-                token_type_ids=batch.get("token_type_ids"),
-            ).last_hidden_state  # (N, L, H)
+            return run(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (N, L, H)
         finally:
             if router is not None:
                 router.set(None)  # no per-batch state outlives its batch
+
+    def run_encoder(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None) -> Tensor:
+        """(N, L, H) last hidden states of the encoder on a routed batch: input_ids, attention_mask (N, L),
+        token_type_ids (N, L) or None. The static part of a step, the one ``model.compile`` compiles: it reads
+        the router's per-row state and runs the method's adapter layers (and their hooks), nothing else."""
+        return self.encoder(
+            input_ids=input_ids,
+            attention_mask=encoder_attention_mask(self.encoder, attention_mask),
+            token_type_ids=token_type_ids,
+        ).last_hidden_state  # (N, L, H)
 
     def extra_repr(self) -> str:
         return f"method={type(self.method).__name__}, slots={len(self.slots)}, targets={list(self.targets)}"

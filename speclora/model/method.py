@@ -48,6 +48,8 @@ class Method:
     """Per-task LoRA adapters on mixed batches, no coupling: the default behaviour of every hook."""
 
     name: ClassVar[str] = "independent"
+    # why the adapted encoder cannot run under model.compile (speclora.model.compile); None: it can
+    compile_unsupported: ClassVar[str | None] = None
 
     # ------------------------------------------------------------------ construction
     def num_adapters(self, num_tasks: int) -> int:

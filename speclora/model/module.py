@@ -31,6 +31,7 @@ from speclora.checkpoint import (
 )
 from speclora.metrics import TaskMetrics, suite_average
 from speclora.model.adapted import AdaptedEncoder, BuildInputs, upgrade_state_dict
+from speclora.model.compile import CompileConfig, compile_config
 from speclora.model.config import LoRAConfig, OptimConfig, config_from
 from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import resolve_targets
@@ -71,6 +72,7 @@ class SpecLoRAModule(L.LightningModule):
             weights' memory and runs the matmuls on bf16 tensor cores, with no per-step weight cast (unlike
             ``trainer.precision=bf16-mixed``, which casts the frozen weights at every step).
         tf32: let float32 matmuls use TF32 tensor cores on a CUDA GPU that has them (Ampere and later).
+        compile: ``torch.compile`` of the adapted encoder's forward (speclora.model.compile); or a mode, a bool.
 
     The method builds the adapted encoder (speclora.model.adapted) in the constructor, and the module holds
     it as ``adapted``; ``encoder``, ``router``, ``slots`` and ``targets`` read its parts.
@@ -92,6 +94,7 @@ class SpecLoRAModule(L.LightningModule):
         loss_weights: Literal["uniform", "size"] = "uniform",
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         tf32: bool = True,
+        compile: CompileConfig = CompileConfig(),  # noqa: B008 - frozen dataclass, the CLI's default
     ) -> None:
         super().__init__()
         self.specs = resolve_tasks(tasks)
@@ -99,18 +102,17 @@ class SpecLoRAModule(L.LightningModule):
         method = resolve_method(method)
         lora = config_from(lora, LoRAConfig, "model.lora")
         optim = config_from(optim, OptimConfig, "model.optim")
+        self.compile_cfg = compile_config(compile)
         method.check(self.specs)
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"model.pooling={pooling!r}; allowed: 'cls', 'mean'")
-        if loss_weights not in ("uniform", "size"):
-            raise ValueError(f"model.loss_weights={loss_weights!r}; allowed: 'uniform', 'size'")
-        if encoder_dtype not in ENCODER_DTYPES:
-            raise ValueError(f"model.encoder_dtype={encoder_dtype!r}; allowed: {', '.join(map(repr, ENCODER_DTYPES))}")
+        for key, value, allowed in (("pooling", pooling, ("cls", "mean")), ("loss_weights", loss_weights, ("uniform", "size")),
+                                    ("encoder_dtype", encoder_dtype, tuple(ENCODER_DTYPES))):
+            if value not in allowed:
+                raise ValueError(f"model.{key}={value!r}; allowed: {', '.join(map(repr, allowed))}")
         self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone,
                                    "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
                                    "head_dropout": head_dropout, "loss_weights": loss_weights,
-                                   "encoder_dtype": encoder_dtype, "tf32": tf32})
+                                   "encoder_dtype": encoder_dtype, "tf32": tf32, "compile": asdict(self.compile_cfg)})
         self.method_name = method.name
         self.lora_cfg = lora
         self.optim_cfg = optim
@@ -139,6 +141,7 @@ class SpecLoRAModule(L.LightningModule):
         self.tf32 = tf32
         if encoder_dtype != "float32":
             self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
+        self.adapted.use_compile(self.compile_cfg)  # eager unless model.compile.mode is set
         self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
         self.metrics = nn.ModuleDict({entry: TaskMetrics(spec, entry if entry in spec.eval_names else None)
                                       for spec in self.specs for entry in (spec.name, *spec.eval_names)})
@@ -283,10 +286,7 @@ class SpecLoRAModule(L.LightningModule):
 
     def trainable_parameters(self) -> dict[str, int]:
         """Trainable parameter counts: all, in the encoder (adapters or the whole encoder), method modules, heads."""
-
-        def count(module: nn.Module | None) -> int:
-            return 0 if module is None else sum(p.numel() for p in module.parameters() if p.requires_grad)
-
+        count = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
         return {"trainable": count(self), "encoder_side": count(self.encoder),
                 "method": count(self.adapted.method_net), "heads": count(self.heads)}
 
@@ -319,6 +319,8 @@ class SpecLoRAModule(L.LightningModule):
         for name, value in values.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=1)
         self.log("train/skipped_steps", skipped, on_step=True, on_epoch=False, batch_size=1)
+        if self.compile_cfg.enabled:  # a host int: a fallback to eager is counted, never silent
+            self.log("train/compile_fallbacks", float(self.adapted.compile_fallbacks), on_step=True, batch_size=1)
         self._guard.report(int(skipped), int(last))
         if "loss" in values:
             # shown as a number: a logged tensor on the bar would be read back from the device every step
@@ -410,12 +412,10 @@ class SpecLoRAModule(L.LightningModule):
     def configure_optimizers(self):
         # a method's own trainable modules (hypernetworks) learn at the adapters' rate; model.optim.fused as the
         # trainer's precision and clip allow it (speclora.model.optim)
-        trainer = self.trainer
-        total = max(1, int(trainer.estimated_stepping_batches))
-        fused = fused_setting(self.optim_cfg.fused, trainer.gradient_clip_val, self._grad_scaler() is not None,
-                              trainer.precision)
-        cfg = replace(self.optim_cfg, fused=fused)
-        return adamw_with_schedule(cfg, self.encoder, self.heads, self.adapted.method_net, total)
+        t = self.trainer
+        fused = fused_setting(self.optim_cfg.fused, t.gradient_clip_val, self._grad_scaler() is not None, t.precision)
+        return adamw_with_schedule(replace(self.optim_cfg, fused=fused), self.encoder, self.heads,
+                                   self.adapted.method_net, max(1, int(t.estimated_stepping_batches)))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's AMP plugin refuses to clip for an optimizer that unscales in its step (a fused AdamW), even

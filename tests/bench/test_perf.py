@@ -63,8 +63,10 @@ def test_quick_report_has_every_figure_finite_with_its_command(tiny_backbone, da
     assert {r["labels"]["vs"] for r in crossings} == {"warm", "cold"}
 
     steps = {r["labels"]["variant"]: r["figures"] for r in _records(report, "throughput")}
-    assert set(steps) == {"independent", "shared", "peft"}
+    assert set(steps) == {"independent", "shared", "peft", "independent-compiled"}
     assert steps["independent"]["vs_independent"] == 1.0
+    assert steps["independent-compiled"]["compile_fallbacks"] == 0  # compiled (--quick: dynamo's eager backend)
+    assert "compile_fallbacks" not in steps["independent"] and steps["independent"]["warmup_s"] > 0
     for fig in steps.values():
         assert fig["ms_per_step"] > 0 and fig["samples_per_s"] > 0 and fig["aten_ops"] >= fig["leaf_ops"] > 0
         assert fig["host_reads"] >= 0
@@ -173,6 +175,14 @@ def test_bad_perf_options_name_the_key(tmp_path, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_a_wrong_compile_backend_of_the_throughput_bench_names_the_option(capsys):
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--device", "cpu", "--variants", "independent-compiled", "--compile-backend", "nope"])
+    assert "--compile-backend: model.compile.backend='nope' is not a torch.compile backend" in capsys.readouterr().err
+    args = throughput.parse_args(["--device", "cpu", "--compile-dynamic", "auto"])
+    assert args.compile_dynamic is None and args.compile_backend == "inductor"
+
+
 def test_check_device_names_what_is_allowed():
     assert measure.check_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="--device='tpu'.*allowed: cpu, cuda, cuda:N"):
@@ -236,6 +246,8 @@ def test_quick_report_on_cuda(tiny_backbone, data_root, token_cache, tmp_path):
     assert [s["status"] for s in report["sections"]] == ["ok"] * 4
     steps = _records(report, "throughput")
     assert all("cuda_launches" in r["figures"] and "cuda_syncs" in r["figures"] for r in steps)
+    compiled = next(r["figures"] for r in steps if r["labels"]["variant"] == "independent-compiled")
+    assert compiled["compile_fallbacks"] == 0
 
 
 def test_a_child_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
