@@ -233,6 +233,8 @@ def report(out: Path, update_doc: Path | None = None) -> Path:
     from speclora.bench.quality_figures import write_figures
     from speclora.bench.report import MEASURES, markdown, write_csv
 
+    if not (out / META).is_file():  # written when `quality` ends; a matrix still running has none
+        raise FileNotFoundError(f"{out / META} not found: run `speclora-bench quality` with --out {out} to its end")
     plan = Plan.from_json(json.loads((out / PLAN).read_text()))
     meta = json.loads((out / META).read_text())
     rows = collect_rows(plan.cells, out)

@@ -149,3 +149,11 @@ def test_search_figure_has_one_panel_per_method_and_one_curve_per_rate():
     rows.reverse()  # panels in the methods' order whatever the order of the runs
     assert [title for title, _, _ in search_curves(rows)][0].startswith("shared")
     assert panels[0][2]["lr 3e-4"] == ([10.0, 20.0], [40.0, 50.0], [0.0, 0.0])
+
+
+def test_a_report_of_an_unfinished_matrix_says_what_to_run(tmp_path):
+    from speclora.bench.quality import report
+
+    (tmp_path / "plan.json").write_text("{}")  # planned, still running: no meta.json yet
+    with pytest.raises(FileNotFoundError, match=r"meta\.json not found: run `speclora-bench quality` with --out"):
+        report(tmp_path)
