@@ -44,6 +44,7 @@ from speclora.bench.quality_scales import Cell, Plan
 from speclora.bench.quality_worker import (
     RESULT,
     failed_result,
+    log_tail,
     output_to,
     run_cell,
     write_cell_spec,
@@ -77,9 +78,7 @@ def _run_inline(cell: Cell, run_dir: Path, threads: int | None, conflict_batches
 def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int, keep_checkpoints: bool,
                  timeout: float | None) -> dict[str, Any]:
     write_cell_spec(run_dir, cell, threads, conflict_batches, keep_checkpoints)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "speclora.bench.quality_worker", str(run_dir)]
     with (run_dir / "run.log").open("ab") as log:
         try:
@@ -90,7 +89,7 @@ def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batche
     path = run_dir / RESULT
     if path.is_file() and not why.startswith("timeout"):
         return json.loads(path.read_text())
-    result = failed_result(cell, run_dir, why, (run_dir / "run.log").read_text(errors="replace")[-2000:])
+    result = failed_result(cell, run_dir, why, log_tail(run_dir / "run.log"))
     write_result(run_dir, result)
     return result
 

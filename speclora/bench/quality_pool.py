@@ -56,6 +56,7 @@ from speclora.bench.quality_worker import (
     CELL,
     RESULT,
     failed_result,
+    log_tail,
     output_to,
     write_cell_spec,
     write_result,
@@ -301,7 +302,7 @@ class CellPool:
         except WorkerGone as err:
             self._kill(worker)  # reap it and close its pipes
             raise WorkerGone(f"the pool worker (pid {worker.pid}) {err} before it was ready; its log "
-                             f"{worker.log}:\n{_tail(worker.log)}") from err
+                             f"{worker.log}:\n{log_tail(worker.log)}") from err
         self.startup_seconds.append(float(ready["ready"]))
         return worker
 
@@ -339,7 +340,7 @@ class CellPool:
         if why is None:
             why = "the pool worker answered but wrote no result"
         log = run_dir / "run.log"
-        tail = _tail(log) if log.is_file() and log.stat().st_size else why
+        tail = log_tail(log) if log.is_file() and log.stat().st_size else why
         result = failed_result(cell, run_dir, why, tail)
         write_result(run_dir, result)
         return worker, result
@@ -374,13 +375,6 @@ class CellPool:
         if kind is not None:
             self.terminate()
         self.close()
-
-
-def _tail(path: Path, chars: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return ""
 
 
 def main(argv: list[str] | None = None) -> int:

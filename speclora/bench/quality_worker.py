@@ -232,18 +232,27 @@ def write_cell_spec(run_dir: Path, cell: Cell, threads: int | None, conflict_bat
                                             "keep_checkpoints": keep_checkpoints}, indent=1))
 
 
+def _cell_fields(cell: Cell) -> dict[str, Any]:
+    return {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed, "tasks": list(cell.tasks)}
+
+
 def _base_result(cell: Cell) -> dict[str, Any]:
-    return {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
-            "tasks": list(cell.tasks), "status": "failed", "error": None,
+    return {**_cell_fields(cell), "status": "failed", "error": None,
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def failed_result(cell: Cell | None, run_dir: Path, error: str, trace: str) -> dict[str, Any]:
     """The result of a cell that did not finish (its worker died, timed out, or it raised past run_cell)."""
-    if cell is None:  # its cell.json could not be read
-        return {"run_id": run_dir.name, "status": "failed", "error": error, "traceback": trace}
-    return {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
-            "tasks": list(cell.tasks), "status": "failed", "error": error, "traceback": trace}
+    fields = _cell_fields(cell) if cell is not None else {"run_id": run_dir.name}  # None: cell.json unreadable
+    return {**fields, "status": "failed", "error": error, "traceback": trace}
+
+
+def log_tail(path: Path, chars: int = 2000) -> str:
+    """The last ``chars`` characters of a log ("" where it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
 
 
 def write_result(run_dir: Path, result: dict[str, Any]) -> None:

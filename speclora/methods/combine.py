@@ -24,14 +24,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from speclora.methods.base import Method
 from speclora.methods.task_grads import (
-    RowGradients,
+    TaskGradientMethod,
     TaskGradients,
     check_task_grads,
     loss_scale,
-    mean_over_ranks,
-    per_task_gradients,
     replace_batch_gradient,
 )
 from speclora.methods.weighting import cagrad_coefficients, conflict_share, nash_coefficients
@@ -44,11 +41,10 @@ if TYPE_CHECKING:
 
 __all__ = ["CAGrad", "GradientCombination", "NashMTL"]
 
-class GradientCombination(Method):
+class GradientCombination(TaskGradientMethod):
     """One shared LoRA; the per-task gradients on it replaced by a combination Σ_t β_t g_t (subclasses give β)."""
 
     name: ClassVar[str] = "gradient_combination"
-    task_grads: str = "rows"
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray | None:
         """(S,) β from the (S, S) Gram matrix of the (loss-scaled by ``scale``) task gradients; None: keep the
@@ -78,36 +74,18 @@ class GradientCombination(Method):
         params, layers = [], [layer for _, layer in lora_modules(adapted.encoder)]
         for layer in layers:
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
-        rows = RowGradients(layers) if self.task_grads == "rows" else None
-        adapted.work = TaskGradients(params, rows=rows)  # the step's per-task gradients, between its hooks
+        # the step's per-task gradients, between its hooks (``rows``: captured in the one backward)
+        adapted.work = TaskGradients(params, rows=self.row_capture(layers))
         return adapted
 
-    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
-        """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
-        a training step; evaluation runs without them)."""
-        if self.task_grads == "rows" and torch.is_grad_enabled():
-            adapted.work.rows.arm(batch["seq_task"], adapted.num_tasks)
-
     # ------------------------------------------------------------------ a training step
-    def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs) -> dict[str, Tensor]:
-        """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch; adds no loss term."""
-        state: TaskGradients = module.adapted.work
-        if self.task_grads == "rows":  # the gradients come with the module's backward
-            state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
-            return {}
-        losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
-        state.grads, state.present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
-        return {}
-
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t β_t g_t, from the rank-averaged per-task gradients."""
         state: TaskGradients = module.adapted.work
-        if self.task_grads == "rows":
-            state.grads = state.rows.disarm()
-        if state.grads is None or state.present is None:
+        taken = self.take_task_gradients(module)  # (T, P), (T,)
+        if taken is None:
             return
-        grads, present = mean_over_ranks(state.grads, state.present)
-        state.grads = state.present = None
+        grads, present = taken
         rows = present.nonzero().squeeze(1)  # (S,) tasks of the (global) batch
         if len(rows) < 2:  # one task: its gradient is the combination
             state.last = None

@@ -23,13 +23,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from speclora.methods.base import Method
 from speclora.methods.task_grads import (
     RowGradients,
+    TaskGradientMethod,
     check_task_grads,
-    loss_scale,
-    mean_over_ranks,
-    per_task_gradients,
     replace_batch_gradient,
 )
 from speclora.metrics import conflict_rate
@@ -155,7 +152,7 @@ class OrthoState:
     rows: RowGradients | None = None
 
 
-class Ortho(Method):
+class Ortho(TaskGradientMethod):
     """One LoRA shared by all tasks; conflicting task gradients projected orthogonally, in A and B separately.
 
     Args:
@@ -206,40 +203,19 @@ class Ortho(Method):
         for layer in layers:
             params += [layer.lora_A, layer.lora_B]  # (1, r, d_in), (1, d_out, r)
             kinds += ["A", "B"]
-        rows = RowGradients(layers) if self.task_grads == "rows" else None  # laid out as params
-        adapted.work = OrthoState(params, kinds, rows=rows)  # the step's per-task gradients, between its hooks
+        # the step's per-task gradients, between its hooks (``rows``: captured in the one backward)
+        adapted.work = OrthoState(params, kinds, rows=self.row_capture(layers))
         return adapted
 
-    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
-        """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
-        a training step; evaluation runs without them)."""
-        if self.task_grads == "rows" and torch.is_grad_enabled():
-            adapted.work.rows.arm(batch["seq_task"], adapted.num_tasks)
-
     # ------------------------------------------------------------------ a training step
-    def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs: dict) -> dict[str, Tensor]:
-        """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no
-        loss term. (``rows``: the gradients come with the module's backward.)"""
-        state: OrthoState = module.adapted.work
-        if self.task_grads == "rows":
-            state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
-            return {}
-        losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
-        # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
-        grads, present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
-        state.grads, state.present = grads, present
-        return {}
-
     def after_backward(self, module: SpecLoRAModule, per_task_losses: dict[int, Tensor]) -> None:
         """θ.grad ← θ.grad − Σ_t g_t + Σ_t g_t': the batch's plain contribution replaced by the projected one
         (what earlier micro-batches of a gradient accumulation put in θ.grad is kept)."""
         state: OrthoState = module.adapted.work
-        if self.task_grads == "rows":
-            state.grads = state.rows.disarm()  # (T, P) g_t summed during the backward, loss-scaled as the backward
-        if state.grads is None or state.present is None:
+        taken = self.take_task_gradients(module)  # (T, P), (T,)
+        if taken is None:
             return
-        grads, present = mean_over_ranks(state.grads, state.present)
-        state.grads = state.present = None
+        grads, present = taken
         rows = present.nonzero().squeeze(1)  # (S,) tasks of the batch
         if len(rows) < 2:
             state.conflict_rate = None

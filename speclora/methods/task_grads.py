@@ -28,11 +28,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from speclora.methods.base import Method
+
 if TYPE_CHECKING:
+    from speclora.model.adapted import AdaptedEncoder
     from speclora.model.module import SpecLoRAModule
 
-__all__ = ["TASK_GRADS", "RowGradients", "TaskGradients", "check_task_grads", "loss_scale", "mean_over_ranks",
-           "per_task_gradients", "replace_batch_gradient", "row_task_gradients"]
+__all__ = ["TASK_GRADS", "RowGradients", "TaskGradientMethod", "TaskGradients", "check_task_grads", "loss_scale",
+           "mean_over_ranks", "per_task_gradients", "replace_batch_gradient", "row_task_gradients"]
 
 TASK_GRADS = ("rows", "backward")
 
@@ -196,3 +199,48 @@ class RowGradients:
 
             output.register_hook(on_grad)
         return hook
+
+
+class TaskGradientMethod(Method):
+    """A method that rewrites the shared LoRA's gradient from its per-task gradients g_t (Ortho, CAGrad,
+    Nash-MTL): how g_t are taken, by ``task_grads``, and handed to the method's ``after_backward``.
+
+    The adapted encoder's ``work`` holds the step's state: ``params`` (θ), ``grads`` (T, P), ``present`` (T,)
+    and ``rows`` (the :class:`RowGradients` capture of ``rows``, None for ``backward``), as :class:`TaskGradients`.
+    """
+
+    task_grads: str = "rows"
+
+    def row_capture(self, layers: list[nn.Module]) -> RowGradients | None:
+        """The ``rows`` capture on the shared LoRA layers (laid out as their A, B in order); None for ``backward``."""
+        return RowGradients(layers) if self.task_grads == "rows" else None
+
+    def before_encode(self, adapted: AdaptedEncoder, batch: dict[str, Tensor]) -> None:
+        """``rows``: capture this forward's per-row activations and output gradients (when gradients are on:
+        a training step; evaluation runs without them)."""
+        if self.task_grads == "rows" and torch.is_grad_enabled():
+            adapted.work.rows.arm(batch["seq_task"], adapted.num_tasks)
+
+    def extra_losses(self, module: SpecLoRAModule, batch: dict[str, Tensor], outputs) -> dict[str, Tensor]:
+        """``backward``: take g_t = ∇_θ(s·λ_t L_t) for each task of the batch (s: the AMP loss scale); adds no
+        loss term. (``rows``: the gradients come with the module's backward.)"""
+        state = module.adapted.work
+        if self.task_grads == "rows":
+            state.present = outputs.out.task_count > 0  # (T,) tasks with labelled rows
+            return {}
+        losses = {t: module.task_weights[t] * out.loss for t, out in outputs.items() if out.loss is not None}
+        # g_t = ∇_θ (s λ_t L_t), the graph kept for the other tasks and the total backward
+        state.grads, state.present = per_task_gradients(losses, state.params, len(module.specs), loss_scale(module))
+        return {}
+
+    def take_task_gradients(self, module: SpecLoRAModule) -> tuple[Tensor, Tensor] | None:
+        """In ``after_backward``: (T, P) this micro-batch's g_t averaged over ranks, loss-scaled as the backward,
+        and (T,) the tasks present on any rank; released from the state. None where none were taken."""
+        state = module.adapted.work
+        if self.task_grads == "rows":
+            state.grads = state.rows.disarm()  # (T, P) summed during the backward
+        if state.grads is None or state.present is None:
+            return None
+        grads, present = mean_over_ranks(state.grads, state.present)
+        state.grads = state.present = None
+        return grads, present

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from speclora.data.datamodule import MultiTaskDataModule
-from speclora.methods import ortho as ortho_module
+from speclora.methods import task_grads as task_grads_module
 from speclora.methods.ortho import (
     Ortho,
     block_index,
@@ -180,8 +180,8 @@ def test_a_step_writes_the_projected_sum_into_the_shared_lora(tiny_backbone, bat
 
     # the module's step: training_step (per-task grads), the total backward, then after_backward
     extra = []  # ``rows`` takes no backward per task: its gradients come with the module's one backward
-    real = ortho_module.per_task_gradients
-    monkeypatch.setattr(ortho_module, "per_task_gradients", lambda *a, **k: extra.append(1) or real(*a, **k))
+    real = task_grads_module.per_task_gradients
+    monkeypatch.setattr(task_grads_module, "per_task_gradients", lambda *a, **k: extra.append(1) or real(*a, **k))
     module.zero_grad()
     loss = module.training_step(batch, 0)
     loss.backward()

@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import Independent
 from speclora.methods.base import Method
 from speclora.model.compile import CompileConfig, CompiledFunction, compile_config
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
+from tests.model.batches import train_batches
 
 TASKS = ["rte", "cola", "stsb", "copa"]  # pairs and single sentences (lengths vary), regression, choice
 TOLERANCE = {"aot_eager": {"rtol": 1e-5, "atol": 1e-6}, "inductor": {"rtol": 1e-4, "atol": 1e-5}}
@@ -45,12 +45,8 @@ def failing_backend() -> str:
 @pytest.fixture(scope="module")
 def batches(tiny_backbone, data_root, tmp_path_factory):
     """Three mixed batches whose row counts and padded lengths differ (dynamic shapes)."""
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=64,
-                             batch_size=10, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"),
-                             mixing="equal", max_train_per_task=64, max_eval_per_task=8)
-    dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    out = [next(it) for _ in range(3)]
+    out = train_batches(tiny_backbone, data_root, tmp_path_factory.getbasetemp() / "token_cache", TASKS, 3,
+                        max_length=64, batch_size=10)
     assert len({tuple(b["input_ids"].shape) for b in out}) > 1  # the shapes do vary
     return out
 

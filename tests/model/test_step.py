@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import FullFT, Shared
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
+from tests.model.batches import train_batches
 from tests.model.eager_heads import eager_task_losses
 from tests.model.step_counts import counting
 
@@ -18,12 +18,7 @@ TASKS = ["rte", "stsb", "copa", "cb"]  # classification (2 and 3 classes), regre
 
 @pytest.fixture(scope="module")
 def batches(tiny_backbone, data_root, tmp_path_factory):
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
-                             batch_size=12, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"),
-                             mixing="equal", max_train_per_task=64, max_eval_per_task=8)
-    dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(4)]
+    return train_batches(tiny_backbone, data_root, tmp_path_factory.getbasetemp() / "token_cache", TASKS, 4)
 
 
 def _module(tiny_backbone, **kwargs) -> SpecLoRAModule:
@@ -51,12 +46,8 @@ def _step(module: SpecLoRAModule, optimizer, batch) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def copa_batches(tiny_backbone, data_root, tmp_path_factory):
-    dm = MultiTaskDataModule(tasks=["copa"], data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
-                             batch_size=8, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"),
-                             max_train_per_task=64, max_eval_per_task=8)
-    dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    return [next(it) for _ in range(3)]
+    return train_batches(tiny_backbone, data_root, tmp_path_factory.getbasetemp() / "token_cache", ["copa"], 3,
+                         batch_size=8, mixing=None)
 
 
 @pytest.mark.parametrize("method", ["independent", "shared", "single"])

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import speclora.methods  # noqa: F401  the methods' registry names ("shared"): speclora.model does not import them
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
+from tests.model.batches import train_batches
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,12 +20,8 @@ TASKS = ["rte", "stsb", "copa", "cb"]
 
 @pytest.fixture(scope="module")
 def batches(tiny_backbone, data_root, tmp_path_factory):
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=32,
-                             batch_size=12, cache_dir=str(tmp_path_factory.getbasetemp() / "token_cache"),
-                             mixing="equal", max_train_per_task=64, max_eval_per_task=8)
-    dm.setup("fit")
-    it = iter(dm.train_dataloader())
-    return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in next(it).items()} for _ in range(4)]
+    cpu = train_batches(tiny_backbone, data_root, tmp_path_factory.getbasetemp() / "token_cache", TASKS, 4)
+    return [{k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()} for b in cpu]
 
 
 def _module(tiny_backbone, **kwargs) -> SpecLoRAModule:
