@@ -45,6 +45,7 @@ class GradientCombination(TaskGradientMethod):
     """One shared LoRA; the per-task gradients on it replaced by a combination Σ_t β_t g_t (subclasses give β)."""
 
     name: ClassVar[str] = "gradient_combination"
+    base: ClassVar[bool] = True  # a shared base, no method of its own (model.method lists only CAGrad, NashMTL)
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray | None:
         """(S,) β from the (S, S) Gram matrix of the (loss-scaled by ``scale``) task gradients; None: keep the

@@ -22,7 +22,7 @@ Then:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -209,6 +209,7 @@ class TaskGradientMethod(Method):
     and ``rows`` (the :class:`RowGradients` capture of ``rows``, None for ``backward``), as :class:`TaskGradients`.
     """
 
+    base: ClassVar[bool] = True  # a shared base, no method of its own (left out of model.method's choices)
     task_grads: str = "rows"
 
     def row_capture(self, layers: list[nn.Module]) -> RowGradients | None:

@@ -118,14 +118,15 @@ class Method:
 
 
 def method_classes() -> list[type[Method]]:
-    """Every Method subclass imported so far (``speclora.methods`` imports the harness's), base class first."""
+    """Every Method subclass imported so far (``speclora.methods`` imports the harness's), base class first;
+    shared bases that are no method of their own (``base = True`` in their class body) left out."""
     found, todo = [Method], [Method]
     while todo:
         for sub in todo.pop().__subclasses__():
             if sub not in found:
                 found.append(sub)
                 todo.append(sub)
-    return found
+    return [cls for cls in found if cls is Method or not vars(cls).get("base", False)]
 
 
 def resolve_method(value: Method | str | Mapping[str, Any] | None) -> Method:
@@ -169,7 +170,7 @@ def _from_config(value: Mapping[str, Any]) -> Method:
             cls = getattr(importlib.import_module(module), attr, None) if module else None
         except ImportError:
             cls = None
-        if not (isinstance(cls, type) and issubclass(cls, Method)):
+        if not (isinstance(cls, type) and issubclass(cls, Method)) or vars(cls).get("base", False):
             raise ValueError(f"model.method.class_path={path!r} is not a Method class; allowed: "
                              f"{names}, or the import path of a speclora.methods.Method subclass")
     return cls(**dict(value.get("init_args") or {}))

@@ -178,7 +178,12 @@ def test_the_module_is_handed_its_method_and_rebuilds_it_from_hparams(tiny_backb
     handed = Shared()
     assert SpecLoRAModule(TASKS, backbone=tiny_backbone, method=handed).method is handed
     assert type(resolve_method("independent")) is Independent  # the named class, not the base
-    with pytest.raises(ValueError, match="model.method='nope'; allowed: a Method instance"):
+    with pytest.raises(ValueError, match="model.method='nope'; allowed: a Method instance") as error:
         resolve_method("nope")
+    # the error lists the methods, not the shared bases some of them build on
+    assert "CAGrad" in str(error.value) and "NashMTL" in str(error.value)
+    assert "GradientCombination" not in str(error.value) and "TaskGradientMethod" not in str(error.value)
+    with pytest.raises(ValueError, match="allowed"):
+        resolve_method("gradient_combination")  # a base is no method of its own
     with pytest.raises(ValueError, match="model.method.class_path='os.path' is not a Method class"):
         resolve_method({"class_path": "os.path"})
