@@ -59,8 +59,8 @@ def differences(run_id: str, a: Path, b: Path) -> list[str]:
     return out
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speclora-bench isolation", description=__doc__,
+def _parser(prog: str = "speclora-bench isolation") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(scales.SCALES), default="smoke")
     p.add_argument("--out", type=Path, required=True)
@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench isolation") -> int:
+    args = _parser(prog).parse_args(argv)
     scale = scales.SCALES[args.scale]
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

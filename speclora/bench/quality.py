@@ -253,9 +253,9 @@ def report(out: Path, update_doc: Path | None = None) -> Path:
     return out / "results.md"
 
 
-def splice(path: Path, scale: str, text: str) -> None:
-    """Replace the text between ``<!-- quality:<scale>:start -->`` and ``...:end -->`` in ``path`` (append if absent)."""
-    start, end = f"<!-- quality:{scale}:start -->", f"<!-- quality:{scale}:end -->"
+def splice(path: Path, scale: str, text: str, kind: str = "quality") -> None:
+    """Replace the text between ``<!-- <kind>:<scale>:start -->`` and ``...:end -->`` in ``path`` (append if absent)."""
+    start, end = f"<!-- {kind}:{scale}:start -->", f"<!-- {kind}:{scale}:end -->"
     block = f"{start}\n{text.strip()}\n{end}"
     doc = path.read_text() if path.is_file() else ""
     if start in doc and end in doc:
@@ -431,12 +431,10 @@ def wall_time(seconds: float, ran: int, load: tuple[float, float]) -> dict[str, 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["perf"]:  # the performance report (speclora.bench.perf) has a parser of its own
-        from speclora.bench.perf import main as perf
-        return perf(argv[1:], prog="speclora-bench perf")
-    if argv[:1] == ["isolation"]:  # process vs pool on the same cells (speclora.bench.isolation)
-        from speclora.bench.isolation import main as isolation
-        return isolation(argv[1:])
+    if argv[:1] in (["perf"], ["isolation"], ["budget"]):  # speclora.bench.<command>, each with its own parser:
+        import importlib  # the performance report, process vs pool isolation, the budget a scale needs
+
+        return importlib.import_module(f"speclora.bench.{argv[0]}").main(argv[1:], prog=f"speclora-bench {argv[0]}")
     args = _parser().parse_args(argv)
     if args.command == "quality":
         quality(args, argv)

@@ -215,7 +215,8 @@ class Cell:
     """One run of the matrix: the ``speclora fit`` / ``speclora test`` arguments it shares, and what it is.
 
     ``lr``: the learning rate the runner chose or tries for the arm (``--model.optim.lr``, after the configs);
-    None runs the configs' rate.
+    None runs the configs' rate. ``steps``: a training budget other than the scale's (``speclora-bench
+    budget``: ``--trainer.max_steps`` in ``args``); None runs the scale's.
     """
 
     group: str
@@ -224,20 +225,23 @@ class Cell:
     tasks: tuple[str, ...]
     args: tuple[str, ...] = field(compare=False)
     lr: float | None = None
+    steps: int | None = None
 
     @property
     def run_id(self) -> str:
         where = self.tasks[0] if self.group in ("single", "one_task", "fewshot_single") else "suite"
         rate = "" if self.lr is None else f"__lr{fmt_rate(self.lr)}"
-        return f"{self.group}__{self.arm.replace('/', '-')}__{where}__seed{self.seed}{rate}"
+        budget = "" if self.steps is None else f"__steps{self.steps}"
+        return f"{self.group}__{self.arm.replace('/', '-')}__{where}__seed{self.seed}{rate}{budget}"
 
     def to_json(self) -> dict:
         return {"group": self.group, "arm": self.arm, "seed": self.seed, "tasks": list(self.tasks),
-                "args": list(self.args), "lr": self.lr}
+                "args": list(self.args), "lr": self.lr, "steps": self.steps}
 
     @classmethod
     def from_json(cls, d: dict) -> Cell:
-        return cls(d["group"], d["arm"], int(d["seed"]), tuple(d["tasks"]), tuple(d["args"]), d.get("lr"))
+        return cls(d["group"], d["arm"], int(d["seed"]), tuple(d["tasks"]), tuple(d["args"]), d.get("lr"),
+                   d.get("steps"))
 
 
 @dataclass(frozen=True)
