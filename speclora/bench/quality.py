@@ -9,7 +9,7 @@
 Every method of the harness (and the Table 7 ablations) runs on the same backbone, data, budget and seeds,
 each cell through :func:`speclora.cli.main` (``speclora fit`` then ``speclora test``) with the same config
 layering (speclora.bench.quality_scales). First each method's learning rate is chosen on the validation
-split from a small grid, seed 0 (speclora.bench.quality_search); then every seed runs at the chosen rate.
+split from a small grid, seed 0 or --search-seeds N (speclora.bench.quality_search); then every seed runs at the chosen rate.
 A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so an interrupted matrix resumes where it
 stopped and a second run of the same command runs nothing (``--retry-failed`` reruns the failed ones). Outputs:
 
@@ -283,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="learning rates each LoRA method is tried at, seed 0, chosen on validation (default: the "
                         "scale's, 3e-4,1e-3,3e-3; full_ft keeps its own 2e-5,5e-5,1e-4); 'none': every arm at its "
                         "configs' rate, no search")
+    q.add_argument("--search-seeds", type=int, default=None, help="seeds per rate of the search (default: the scale's, 1)")
     q.add_argument("--backbone", default=None, help="default: the scale's (smoke: a tiny random BERT built "
                                                     "under OUT/backbone; cpu, gpu: 'default', all-MiniLM-L6-v2)")
     q.add_argument("--data-dir", default=None, help="folder holding glue/ and superglue/ (default: $SPECLORA_DATA)")
@@ -357,7 +358,8 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     one_task = None if args.one_task is None else tuple(_list(args.one_task))
     suite = [get_task(t).name for t in _list(args.tasks)] if args.tasks else scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)
-    searched = search.search_cells(scale, arms, grid, make, suite, not args.no_single) if grid else ()
+    search_seeds = args.search_seeds or scale.search_seeds
+    searched = search.search_cells(scale, arms, grid, make, suite, not args.no_single, search_seeds) if grid else ()
 
     def plan_at(lrs: dict[str, float | None] | None) -> Plan:
         return scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
@@ -412,7 +414,7 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
             "backbone": backbone if scale.tiny_backbone is False or args.backbone else
             "tiny random BERT (2 layers, hidden 32, built under OUT/backbone/tiny-bert)",
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
-            "lr_grid": list(grid) if grid else None,
+            "lr_grid": list(grid) if grid else None, "search_seeds": search_seeds,
             "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
             **wall_time(time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))

@@ -67,6 +67,7 @@ class Scale:
         fewshot_arms: the method arms of the few-shot setting (None: every selected method).
         lr_grid: the learning rates each LoRA method is tried at before its seeds run (speclora.bench.quality_search);
             ``full_ft`` has its own grid (``ARM_LR_GRIDS``).
+        search_seeds: seeds each rate of the search runs (its score the mean over them).
     """
 
     name: str
@@ -79,6 +80,7 @@ class Scale:
     conflict_batches: int = 4
     fewshot_arms: tuple[str, ...] | None = None
     lr_grid: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    search_seeds: int = 1
 
     def overlay(self, configs: Path, fewshot: bool = False) -> Path:
         return configs / "bench" / f"{self.name}{'_fewshot' if fewshot else ''}.yaml"

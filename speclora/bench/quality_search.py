@@ -1,15 +1,18 @@
 """Each method at its best learning rate, chosen the same way for all, before the seeds run.
 
-The search: every tuned arm (each method of the matrix, and ``single``) trains once, seed 0, on the main
-suite with the main budget, at each rate of its grid; the rate with the best validation average wins:
+The search: every tuned arm (each method of the matrix, and ``single``) trains once per search seed (seed 0;
+``--search-seeds N``: seeds 0..N-1) on the main suite with the main budget, at each rate of its grid; the
+rate with the best validation average wins:
 
-    score(arm, lr) = val_best of the seed-0 run             (the best ``val/average`` of the run, the one
+    score(arm, lr) = mean over the search seeds of val_best  (the best ``val/average`` of a run, the one
                                                               its tested checkpoint was chosen by)
-    score(single, lr) = mean over the suite's tasks t of val_best of the seed-0 ``single`` run on t
+    score(single, lr) = the same, also averaged over the suite's tasks t of the ``single`` runs on t
     chosen(arm)    = argmax_lr score(arm, lr)                (a tie goes to the smaller rate)
 
 Only validation splits are read: no test score enters the choice. The seeds then run at the chosen rate,
-and the seed-0 cell at that rate *is* the search run (same arguments, same run id), so it is not run twice.
+and the search seeds' cells at that rate *are* the search runs (same arguments, same run id), so they are not
+run twice. One search seed picks whichever rate its seed survived: a rate at the edge of stability can win on
+seed 0 and collapse on others (docs/results.md); more search seeds make the choice robust to that.
 
 - Grids: ``Scale.lr_grid`` (3e-4, 1e-3, 3e-3; the default job's 1e-3 in the middle, HyperFormer's 3e-4 at
   the bottom) for every LoRA method; ``full_ft`` trains the whole encoder and has its own grid around the
@@ -73,12 +76,15 @@ def grid_of(arm: str, grid: Sequence[float]) -> tuple[float, ...]:
 
 
 def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make: CellFactory,
-                 suite: Sequence[str], reference: bool = True) -> tuple[Cell, ...]:
-    """The search runs: every tuned arm at every rate of its grid, seed 0, the main suite and budget.
+                 suite: Sequence[str], reference: bool = True, seeds: int = 1) -> tuple[Cell, ...]:
+    """The search runs: every tuned arm at every rate of its grid, seeds 0..``seeds``-1 (``--search-seeds``;
+    1: seed 0 alone), the main suite and budget.
 
     Ordered rate by rate, the highest first (each arm's i-th highest rate, then the next): a search stopped
     early holds whole rates, and ``--lr-grid`` without the missing ones reuses every finished run.
     """
+    if seeds < 1:
+        raise ValueError(f"--search-seeds={seeds}; allowed: an integer >= 1")
     overlay = scale.overlay(make.configs)
     grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms, reference)}
     cells = []
@@ -87,10 +93,11 @@ def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make:
             if i >= len(rates_of_arm):
                 continue
             lr = rates_of_arm[i]
-            if arm == REFERENCE:
-                cells += [make.cell("single", REFERENCE, 0, [t], overlay, lr) for t in suite]
-            else:
-                cells.append(make.cell("main", arm, 0, list(suite), overlay, lr))
+            for seed in range(seeds):
+                if arm == REFERENCE:
+                    cells += [make.cell("single", REFERENCE, seed, [t], overlay, lr) for t in suite]
+                else:
+                    cells.append(make.cell("main", arm, seed, list(suite), overlay, lr))
     return tuple(cells)
 
 
@@ -160,9 +167,15 @@ def fmt_lr(lr: float | None) -> str:
     return "configs' rate" if lr is None else fmt_rate(lr)
 
 
-def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str]) -> str:
-    """Markdown: per tuned arm, its validation score at each rate of its grid and the chosen rate."""
-    lines = ["| method | validation average at each rate (seed 0; chosen in bold) | chosen rate | runs at it |",
+def seeds_text(seeds: int | None) -> str:
+    """What a search's score is over, in words: "seed 0", or "the mean over seeds 0–N-1"."""
+    return "seed 0" if (seeds or 1) == 1 else f"the mean over seeds 0–{seeds - 1}"
+
+
+def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str], seeds: int = 1) -> str:
+    """Markdown: per tuned arm, its validation score at each rate of its grid (mean over the search's seeds)
+    and the chosen rate."""
+    lines = [f"| method | validation average at each rate ({seeds_text(seeds)}; chosen in bold) | chosen rate | runs at it |",
              "| --- | --- | --- | --- |"]
     for arm in [a for a in order if a in choices]:
         c = Choice.from_json(choices[arm])

@@ -4,7 +4,7 @@ Tables, each mean ± std over seeds (speclora.bench.quality_stats has the arithm
 
     Table 5      test score per task and the suite average, per method (``single``: the reference)
     Table 6      trainable parameters, fit wall time, time per step, peak memory; ITR, IC, conflict rates
-    Learning rates  each method's validation average at each rate of its grid (seed 0) and the chosen rate
+    Learning rates  each method's validation average at each rate of its grid (seed 0, or the mean over --search-seeds) and the chosen rate
     Convergence  steps to 95% of the final validation average, the ratio to ``independent``, and whether the
                  mean validation curve is flat over the last fifth of training; the curves themselves
     Table 7      the spectral method's ablations (configs/methods/speclora_ablations/)
@@ -369,7 +369,7 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
             f"- budget of every run: {meta.get('budget', '?')}",
             "- learning rate: " + (
                 f"chosen per method on the validation split from the grid {_grid(meta.get('lr_grid'))} (full_ft: "
-                f"{_grid(quality_search.ARM_LR_GRIDS['full_ft'])}), seed 0, the same budget; then every seed at the "
+                f"{_grid(quality_search.ARM_LR_GRIDS['full_ft'])}), {quality_search.seeds_text(meta.get('search_seeds'))}, the same budget; then every seed at the "
                 "chosen rate; the Table 7 ablations at speclora's rate; no test score enters the choice"
                 if meta.get("lr_grid") else "every method at its configs' rate (no search: `--lr-grid none`)"),
             f"- runs: {len(everything)} ({len(rows)} in the matrix, {len(extra)} more in the learning-rate search), "
@@ -381,7 +381,7 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
         out.append(f"- {key}: {why}")
     if plan.get("lr_choice"):
         out += ["", "### Learning rates (chosen on validation before the seeds ran)", "",
-                quality_search.search_table(plan["lr_choice"], [*METHOD_ARMS, REFERENCE])]
+                quality_search.search_table(plan["lr_choice"], [*METHOD_ARMS, REFERENCE], meta.get("search_seeds", 1))]
     out += ["", "### Table 5: test score per task (mean ± std over seeds)", "",
             score_table(rows, "main", methods, suite, "single")[0], "",
             "### Table 6: cost, transfer and gradient conflict", "", cost_table(rows, methods), "",
@@ -441,9 +441,9 @@ How each number is measured (speclora.bench; same code path as `speclora fit` + 
   validation curve over seeds changes by at most 1 point (max − min) over the last fifth of the steps; with a
   linear decay of the rate to 0 the last fifth runs at under a fifth of the peak rate, so a flat tail is
   necessary, not sufficient, for convergence.
-- **Learning rates**: each method trains once per rate of its grid (seed 0, the main suite and budget); the
-  rate with the best validation average (the best `val/average` of the run; for `single` the mean over the
-  suite's tasks) is chosen, ties to the smaller rate; the seeds then run at it. The ablations run at
+- **Learning rates**: each method trains once per rate of its grid (seed 0, or seeds 0..N-1 with
+  `--search-seeds N`; the main suite and budget); the rate with the best validation average (the best
+  `val/average` of a run, averaged over the search seeds; for `single` also over the suite's tasks) is chosen, ties to the smaller rate; the seeds then run at it. The ablations run at
   speclora's rate, the few-shot and one-task cells at their method's.
 - **Significance**: paired differences over seeds, d̄ ± t(0.975, n−1)·sd/√n; "better"/"worse" when the
   interval excludes 0. Few seeds give wide intervals: "no significant difference" is not "equal".

@@ -71,6 +71,26 @@ def test_choice_is_the_best_validation_score_ties_to_the_smaller_rate():
         "independent": 1e-3, "shared": 3e-4, "speclora/no_filtering": None, "single": 3e-3}
 
 
+def test_several_search_seeds_score_a_rate_by_their_mean_so_a_rate_one_seed_survives_loses():
+    with pytest.raises(ValueError, match="--search-seeds=0; allowed"):
+        search_cells(SCALES["smoke"], ("shared",), (1e-3,), MAKE, SUITE, seeds=0)
+    cells = search_cells(SCALES["smoke"], ("shared",), (1e-3, 3e-3), MAKE, ["rte"], seeds=2)
+    assert [(c.arm, c.lr, c.seed) for c in cells if c.arm == "shared"] == [
+        ("shared", 3e-3, 0), ("shared", 3e-3, 1), ("shared", 1e-3, 0), ("shared", 1e-3, 1)]
+    # 3e-3 is best on seed 0 and collapses on seed 1 (the cpu matrix's shared and unolora_star, 2026-12-01)
+    val = {(3e-3, 0): 70.0, (3e-3, 1): 40.0, (1e-3, 0): 68.0, (1e-3, 1): 67.0}
+    rows = {c.run_id: _ok(val[c.lr, c.seed] if c.arm == "shared" else 50.0) for c in cells}
+    one = choose([c for c in cells if c.seed == 0], rows)["shared"]
+    two = choose(cells, rows)["shared"]
+    assert one.lr == 3e-3 and two.lr == 1e-3 and two.scores == {1e-3: 67.5, 3e-3: 55.0}
+    # the matrix's seed-0 and seed-1 cells at the chosen rate are search runs, not run twice
+    plan = plan_matrix(SCALES["smoke"], ("shared",), 3, REPO_CONFIGS, "b", fewshot=False, one_task=(),
+                       suite=["rte"], lrs={"shared": 1e-3, "single": 1e-3})
+    searched = {c.run_id for c in cells}
+    assert [c.seed for c in plan.cells if c.run_id in searched and c.arm == "shared"] == [0, 1]
+    assert "mean over seeds 0–1" in search_table({"shared": two.to_json()}, ["shared"], seeds=2)
+
+
 def test_single_is_scored_by_the_mean_over_the_suite_and_needs_every_task():
     cells = search_cells(SCALES["smoke"], ("independent",), (1e-3, 3e-3), MAKE, SUITE)
     single = {(c.lr, c.tasks[0]): c.run_id for c in cells if c.arm == "single"}
@@ -109,3 +129,14 @@ def test_grid_parsing_and_rate_spelling():
     assert parse_grid("3e-3, 1e-3,1e-3") == (1e-3, 3e-3)
     assert grid_of("full_ft", (1e-3,)) == (2e-5, 5e-5, 1e-4) and grid_of("shared", (1e-3,)) == (1e-3,)
     assert [fmt_rate(x) for x in (3e-4, 1e-3, 0.003, 2.5e-5, 1.0)] == ["3e-4", "1e-3", "3e-3", "2.5e-5", "1e0"]
+
+
+def test_search_seeds_reach_the_planned_search_runs(tmp_path, capsys):
+    from speclora.bench.quality import main
+
+    main(["quality", "--scale", "smoke", "--out", str(tmp_path), "--methods", "shared", "--no-fewshot",
+          "--no-single", "--lr-grid", "1e-3", "--search-seeds", "2", "--dry-run"])
+    printed = capsys.readouterr().out
+    assert "[lr search] main__shared__suite__seed0__lr1e-3:" in printed
+    assert "[lr search] main__shared__suite__seed1__lr1e-3:" in printed
+    assert "seed2" not in printed
