@@ -176,6 +176,9 @@ def markdown(summary: Mapping[str, Any], steps: Sequence[int], meta: Mapping[str
         tails = [f"{a['tail'][b]:.1f}" if math.isfinite(a["tail"][b]) else "n/a" for b in steps]
         conv = (f"{a['converged_at']}" if a["converged_at"] is not None else
                 "runs missing" if not a["complete"] else f"not by {steps[-2]}")
+        if a["converged_at"] is not None:  # no later gain, but a later loss: unstable, not converged
+            drop = min(a["val"][c] - a["val"][a["converged_at"]] for c in steps if c > a["converged_at"])
+            conv += f" (loses {-drop:.1f} at a larger budget)" if drop < -summary["tol"] else ""
         lines.append("| " + " | ".join([arm, *val, *gain, *tails, conv]) + " |")
     rec = summary["recommended"]
     verdict = (f"**Recommended budget: {rec} steps**: from it, no arm gains more than {summary['tol']:g} point "

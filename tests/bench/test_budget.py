@@ -90,6 +90,11 @@ def test_an_arm_still_rising_at_the_last_budget_recommends_none():
     s = bud.summarise(cells, rows, own=20)
     assert s["arms"]["shared"]["converged_at"] is None and s["recommended"] is None and s["complete"]
     assert math.isclose(s["arms"]["shared"]["gain"][10], 2.0)
+    # one that collapses at the larger budget is marked, not just "converged"
+    rows = {c.run_id: _row(60.0 if c.steps == 10 else 40.0) for c in cells}
+    s = bud.summarise(cells, rows, own=20)
+    meta = {"scale": "smoke", "command": "c", "machine": "m", "date": "d", "seeds": 1, "rates": "r", "validations": 4}
+    assert "| 10 (loses 20.0 at a larger budget) |" in bud.markdown(s, (10, 20), meta)
 
 
 def test_rates_come_from_a_matrix_search_and_ablations_take_the_spectral_rate(tmp_path):
