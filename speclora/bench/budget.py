@@ -31,7 +31,6 @@ import json
 import math
 import shlex
 import shutil
-import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +41,7 @@ import yaml
 from speclora.bench import quality
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
-from speclora.bench.quality_stats import tail
+from speclora.bench.quality_stats import mean_std, tail
 from speclora.bench.quality_worker import RESULT
 from speclora.tasks import get_task
 
@@ -126,11 +125,6 @@ def reuse(cells: Sequence[scales.Cell], source: Path | None, out: Path) -> int:
     return copied
 
 
-def _mean(values: Sequence[float]) -> float:
-    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    return statistics.fmean(values) if values else math.nan
-
-
 def summarise(cells: Sequence[scales.Cell], rows: Mapping[str, Mapping[str, Any]], own: int,
               tol: float = TOL) -> dict[str, Any]:
     """Per arm and budget: val (mean best validation average), final, tail, runs ok; gains; convergence."""
@@ -150,14 +144,14 @@ def summarise(cells: Sequence[scales.Cell], rows: Mapping[str, Mapping[str, Any]
     arms: dict[str, Any] = {}
     for arm, per in table.items():
         budgets = sorted(per)
-        vals = {b: _mean(per[b]["best"]) for b in budgets}
+        vals = {b: mean_std(per[b]["best"]).mean for b in budgets}
         gains = {b: vals[nxt] - vals[b] for b, nxt in zip(budgets, budgets[1:])}
         complete = all(per[b]["ok"] == per[b]["runs"] for b in budgets)
         # converged at the smallest budget from which every later budget gains at most tol
         converged = next((b for b in budgets[:-1] if all(vals[c] - vals[b] <= tol for c in budgets if c > b)), None)
         arms[arm] = {"val": vals, "gain": gains, "complete": complete, "converged_at": converged if complete else None,
-                     "final": {b: _mean(per[b]["final"]) for b in budgets},
-                     "tail": {b: _mean(per[b]["tail"]) for b in budgets},
+                     "final": {b: mean_std(per[b]["final"]).mean for b in budgets},
+                     "tail": {b: mean_std(per[b]["tail"]).mean for b in budgets},
                      "ok": {b: f"{per[b]['ok']}/{per[b]['runs']}" for b in budgets}}
     done = arms and all(a["complete"] for a in arms.values())
     at = [a["converged_at"] for a in arms.values()]
@@ -254,8 +248,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     arms = scales.select_arms(args.methods, configs)
     source = args.rates_from.resolve() if args.rates_from else None
     rates = chosen_rates(source, arms)
-    backbone = args.backbone or (scales.build_tiny_backbone(out / "backbone" / "tiny-bert")
-                                 if scale.tiny_backbone else "default")
+    backbone = scale.backbone(out, args.backbone)
     suite = [get_task(t).name for t in quality._list(args.tasks)] if args.tasks else \
         scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)

@@ -88,8 +88,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench isolatio
     if sorted(order) != ["pool", "process"]:
         raise ValueError(f"--order={args.order!r}; allowed: process,pool or pool,process")
     configs = scales.REPO_CONFIGS
-    backbone = args.backbone or (scales.build_tiny_backbone(out / "backbone" / "tiny-bert")
-                                 if scale.tiny_backbone else "default")
+    backbone = scale.backbone(out, args.backbone)
     threads = args.threads if args.threads is not None else scale.threads
     tasks = quality._list(args.tasks)
     one_task = None if args.one_task is None else tuple(quality._list(args.one_task))

@@ -352,9 +352,7 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     isolation = args.isolation or scale.isolation
     jobs = args.jobs or (scale.jobs if isolation != "inline" else 1)
     threads = args.threads if args.threads is not None else scale.threads
-    backbone = args.backbone
-    if backbone is None:
-        backbone = scales.build_tiny_backbone(out / "backbone" / "tiny-bert") if scale.tiny_backbone else "default"
+    backbone = scale.backbone(out, args.backbone)
     one_task = None if args.one_task is None else tuple(_list(args.one_task))
     suite = [get_task(t).name for t in _list(args.tasks)] if args.tasks else scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)

@@ -85,6 +85,13 @@ class Scale:
     def overlay(self, configs: Path, fewshot: bool = False) -> Path:
         return configs / "bench" / f"{self.name}{'_fewshot' if fewshot else ''}.yaml"
 
+    def backbone(self, out: Path, given: str | None = None) -> str:
+        """The backbone the scale's runs train: ``given`` (``--backbone``), else the tiny random BERT built once
+        under OUT/backbone (smoke), else ``default``."""
+        if given is not None:
+            return given
+        return build_tiny_backbone(out / "backbone" / "tiny-bert") if self.tiny_backbone else "default"
+
 
 SCALES: dict[str, Scale] = {
     # CI: a 2-layer, 32-wide random BERT, 20 steps per run; the whole matrix in a few minutes on 2 cores
