@@ -148,7 +148,8 @@ def _split_equals_whole(task: str, preds, labels, cut: int, **extra) -> None:
     want, got = whole.compute(), a.compute()
     assert set(got) == set(want)
     for k in want:
-        assert got[k].item() == pytest.approx(want[k].item(), abs=1e-5), k
+        # float32 state: a score in points (~90) matches to about one ulp (7.6e-6) of the whole
+        assert got[k].item() == pytest.approx(want[k].item(), rel=1e-6, abs=1e-5), k
 
 
 def test_merge_multirc_question_split_across_ranks():

@@ -3,7 +3,8 @@
 Head by task kind (``speclora.tasks.registry``):
 
 ``classification``  dropout → Linear(H, H) → tanh → dropout → Linear(H, C); cross-entropy.
-``regression``      the same with C = 1; mean squared error on the score.
+``regression``      the same with C = 1; mean squared error on the score mapped onto [−1, 1] by the task's
+                    ``label_range`` (STS-B: y' = (y − 2.5) / 2.5), predicted back as 2.5 + 2.5·z (below).
 ``choice``          the same with C = 1 applied to every option's sequence; softmax over the example's
                     options (COPA: 2, ReCoRD: one per candidate entity); cross-entropy on the gold option.
 
@@ -14,6 +15,13 @@ examples and tasks. Nothing is read back to the host, so a training step never w
 :meth:`TaskHeads.forward` gives the per-task view (one :class:`TaskOutput` per task present); building it
 reads the device, which is fine for evaluation, prediction and tools.
 
+Regression targets are scaled because a score far from 0 (STS-B's mean is about 2.7) makes the first steps'
+loss about 10× a classification loss, and its gradient is nearly the same for every example: a shared adapter
+at a high rate then moves every pooled vector the same way to raise the mean prediction, and the STS-B head
+is left with inputs it cannot tell apart (the 2026-12-01 ``cpu`` matrix: ``shared`` and ``unolora_star`` at
+3e-3 ended with validation Pearson ≈ 0.05 on some seeds, docs/results.md). The shift and scale are buffers
+of the state dict; a checkpoint written before them loads with the raw score (shift 0, scale 1), logged.
+
 Which tasks a batch holds is host knowledge (the collator writes ``batch["present_tasks"]``); a batch
 without it (built by hand) costs one host read to find them.
 """
@@ -21,6 +29,7 @@ without it (built by hand) costs one host read to find them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from speclora.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
 
 HEAD_WEIGHTS = "head.safetensors"  # a task head's weights in an exported task folder
 TASK_META = "speclora_task.json"  # the task's description (and the method's extras) next to them
@@ -43,6 +54,19 @@ def _head(hidden: int, out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(
         nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, out)
     )
+
+
+def target_map(specs: Sequence[TaskSpec]) -> tuple[list[float], list[float]]:
+    """Per task, (shift, scale) with y' = (y − shift) / scale the target its head learns: the middle and half
+    width of a regression task's ``label_range``; (0, 1) for every other task (labels are class indices)."""
+    shift, scale = [0.0] * len(specs), [1.0] * len(specs)
+    for t, spec in enumerate(specs):
+        if spec.kind == "regression" and spec.label_range is not None:
+            low, high = spec.label_range
+            if not high > low:
+                raise ValueError(f"task {spec.name!r}: label_range={spec.label_range}; allowed: (low, high), low < high")
+            shift[t], scale[t] = (low + high) / 2, (high - low) / 2
+    return shift, scale
 
 
 def present_tasks(batch: Mapping[str, object]) -> tuple[int, ...]:
@@ -187,6 +211,9 @@ class TaskHeads(nn.Module):
         # per task: its kind code and its head's width C_t (not state: rebuilt from the specs)
         self.register_buffer("kind_code", torch.tensor([KINDS.index(s.kind) for s in specs]), persistent=False)
         self.register_buffer("task_width", torch.tensor(widths), persistent=False)
+        shift, scale = target_map(specs)  # (T,), (T,): y' = (y − shift) / scale, state (what the heads learnt)
+        self.register_buffer("target_shift", torch.tensor(shift))
+        self.register_buffer("target_scale", torch.tensor(scale))
         self._slot_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # (2, T) per task set
 
     # ------------------------------------------------------------------ the batched computation
@@ -255,8 +282,9 @@ class TaskHeads(nn.Module):
         logits = self.row_logits(pooled, seq_task, tasks)  # (N, C)
         num_examples = task.shape[0]
         first = first_rows(seq_example, num_examples)  # (E,)
-        loss, labelled = example_losses(logits, first, seq_example, batch["labels"].float(),
-                                        self.kind_code[task], self.task_width[task])  # (E,), (E,)
+        target = (batch["labels"].float() - self.target_shift[task].float()) / self.target_scale[task].float()  # (E,)
+        loss, labelled = example_losses(logits, first, seq_example, target, self.kind_code[task],
+                                        self.task_width[task])  # (E,), (E,)
         task_loss, count = task_means(loss, labelled, task, len(self.specs))  # (T,), (T,)
         return HeadOutput(logits, first, loss, labelled, task_loss, count, tasks)
 
@@ -273,7 +301,7 @@ class TaskHeads(nn.Module):
         spec = self.specs[t]
         first = out.first_row if examples is None else out.first_row[examples]  # (E_t,)
         if spec.kind == "regression":
-            return out.logits[first, 0].detach(), None, None  # (E_t,)
+            return out.logits[first, 0].detach() * self.target_scale[t] + self.target_shift[t], None, None  # (E_t,)
         if spec.kind == "classification":
             p = out.logits[first, : spec.num_labels].detach().softmax(-1)  # (E_t, C_t)
             return p.argmax(-1), (p if probs else None), None
@@ -325,7 +353,8 @@ class TaskHeads(nn.Module):
         save_file(head, str(folder / HEAD_WEIGHTS))
         (folder / TASK_META).write_text(json.dumps(
             {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-             "label_names": list(spec.label_names), **meta}, indent=2))
+             "label_names": list(spec.label_names), "target_shift": float(self.target_shift[t]),
+             "target_scale": float(self.target_scale[t]), **meta}, indent=2))
 
     def load_head(self, t: int, folder: Path) -> None:
         """Task t's head from ``folder/head.safetensors`` (:meth:`save_head`); FileNotFoundError naming the file."""
@@ -335,6 +364,23 @@ class TaskHeads(nn.Module):
         if not path.is_file():
             raise FileNotFoundError(f"no exported head for task {self.specs[t].name!r} at {path.parent}")
         self.heads[t].load_state_dict(load_file(str(path)))
+        meta_path = path.parent / TASK_META
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        if "target_shift" not in meta and self.specs[t].kind == "regression":
+            log.warning("the head of %r at %s was exported before scaled regression targets: it predicts the raw "
+                        "score (shift 0, scale 1)", self.specs[t].name, path.parent)
+        self.target_shift[t] = float(meta.get("target_shift", 0.0))
+        self.target_scale[t] = float(meta.get("target_scale", 1.0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # a checkpoint written before the target buffers: its heads learnt the raw score (module docstring)
+        if prefix + "target_shift" not in state_dict and any(k.startswith(prefix + "heads.") for k in state_dict):
+            if any(s.kind == "regression" and s.label_range is not None for s in self.specs):
+                log.warning("a checkpoint without %starget_shift/target_scale (written before scaled regression "
+                            "targets): its regression heads keep the raw score", prefix)
+            state_dict[prefix + "target_shift"] = torch.zeros_like(self.target_shift)
+            state_dict[prefix + "target_scale"] = torch.ones_like(self.target_scale)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class TaskOutputs(Mapping[int, TaskOutput]):

@@ -77,6 +77,8 @@ class TaskSpec:
         eval_sets: the evaluated entries of the task.
         train_records: official number of training records (lines/rows), for the split rule.
         subsets: published few-shot subsets: name -> {split: path}.
+        label_range: ``regression`` only: the (low, high) the task's scores are defined on (STS-B: 0 to 5);
+            the head learns the score mapped onto [−1, 1] (speclora.model.heads). None: the raw score.
     """
 
     name: str
@@ -91,6 +93,7 @@ class TaskSpec:
     train_records: int
     eval_sets: tuple[EvalSet, ...] = (EvalSet("", "dev", "test"),)
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)
+    label_range: tuple[float, float] | None = None
 
     @property
     def eval_names(self) -> tuple[str, ...]:
@@ -146,7 +149,7 @@ _TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("mrpc", "MRPC", "glue", "tsv", _glue("MRPC"), "classification", 2, ("0", "1"),
              ("f1", "accuracy"), 3668),
     TaskSpec("stsb", "STS-B", "glue", "tsv", _glue("STS-B"), "regression", 1, (),
-             ("pearson", "spearman"), 5749),
+             ("pearson", "spearman"), 5749, label_range=(0.0, 5.0)),
     TaskSpec("qqp", "QQP", "glue", "tsv", _glue("QQP"), "classification", 2, ("0", "1"),
              ("f1", "accuracy"), 363846, subsets=_lmbff("QQP", "dev")),
     TaskSpec(

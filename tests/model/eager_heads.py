@@ -23,7 +23,8 @@ def eager_task_losses(heads: TaskHeads, pooled: Tensor, batch: dict[str, Tensor]
             loss = _choice(logits.squeeze(-1), seq_example[rows], batch)
         else:
             examples = seq_example[rows]  # (E_t,)
-            loss = _single(spec.kind, logits, batch["labels"][examples])
+            labels = (batch["labels"][examples] - heads.target_shift[t]) / heads.target_scale[t]
+            loss = _single(spec.kind, logits, labels)
         if loss is not None:
             out[t] = loss
     return out
