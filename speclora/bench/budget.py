@@ -7,7 +7,8 @@
 Every arm runs, seed 0 (``--seeds N``: 0..N-1), on the scale's suite once per budget B of ``--steps``: the
 scale's config with ``--trainer.max_steps B`` and at least as many validations as the scale has, the last at B, at
 the learning rate a quality matrix chose for it (``--rates-from``: that matrix's folder, whose search has
-finished; an ablation takes the spectral method's rate), else at its configs' rate. Each run's schedule
+finished; an ablation takes the spectral method's rate) or one given (``--rate shared=3e-3``, repeatable, before
+the matrix's), else at its configs' rate. Each run's schedule
 (warm-up fraction, linear decay to zero) spans its own budget, so a run at 2B is not a continuation of the
 run at B: what a budget is worth is read across runs, not along one curve. Per arm (mean over seeds):
 
@@ -76,10 +77,32 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def chosen_rates(folder: Path | None, arms: Sequence[str]) -> dict[str, float | None]:
-    """arm -> the rate a quality matrix's search chose (``folder``/plan.json); {} without a folder."""
+def parse_rates(texts: Sequence[str]) -> dict[str, float]:
+    """``--rate METHOD=LR`` entries -> {method: lr}."""
+    rates = {}
+    for text in texts:
+        name, _, value = text.partition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = float("nan")
+        if not name.strip() or not lr > 0:
+            raise ValueError(f"--rate {text!r}; allowed: METHOD=LR with LR a positive number (e.g. shared=3e-3)")
+        rates[name.strip()] = lr
+    return rates
+
+
+def chosen_rates(folder: Path | None, arms: Sequence[str], given: Mapping[str, float] | None = None
+                 ) -> dict[str, float | None]:
+    """arm -> its rate: ``given`` (by method; an ablation takes the spectral method's), else the rate a quality
+    matrix's search chose (``folder``/plan.json); {} with neither."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - {search.tuned_arm(a) for a in arms})
+    if unknown:
+        raise ValueError(f"--rate for {', '.join(map(repr, unknown))}, not among the arms' methods; allowed: "
+                         f"{', '.join(sorted({search.tuned_arm(a) for a in arms}))}")
     if folder is None:
-        return {}
+        return {arm: given[search.tuned_arm(arm)] for arm in arms if search.tuned_arm(arm) in given}
     path = folder / quality.PLAN
     if not path.is_file():
         raise FileNotFoundError(f"--rates-from {folder}: no {quality.PLAN}; it is written once the matrix's "
@@ -88,9 +111,13 @@ def chosen_rates(folder: Path | None, arms: Sequence[str]) -> dict[str, float | 
     rates = {}
     for arm in arms:
         tuned = search.tuned_arm(arm)
+        if tuned in given:
+            rates[arm] = given[tuned]
+            continue
         if tuned not in choice:
             raise ValueError(f"--rates-from {folder}: its search chose no rate for {tuned!r} (chosen: "
-                             f"{', '.join(sorted(choice)) or 'none'}); run the arm there first or drop it from --methods")
+                             f"{', '.join(sorted(choice)) or 'none'}); run the arm there first, give it --rate "
+                             f"{tuned}=LR, or drop it from --methods")
         rates[arm] = choice[tuned]["lr"]
     return rates
 
@@ -221,6 +248,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (default 1)")
     p.add_argument("--rates-from", type=Path, default=None,
                    help="a quality matrix's folder: its chosen rates, and its finished cells at the scale's budget")
+    p.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
+                   help="a method's rate (repeatable), before --rates-from's choice")
     p.add_argument("--tol", type=float, default=TOL, help="points of validation average a longer budget may gain")
     p.add_argument("--tasks", default=None, help="comma list replacing the scale's suite")
     p.add_argument("--backbone", default=None, help="default: the scale's")
@@ -247,7 +276,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     configs = scales.REPO_CONFIGS
     arms = scales.select_arms(args.methods, configs)
     source = args.rates_from.resolve() if args.rates_from else None
-    rates = chosen_rates(source, arms)
+    rates = chosen_rates(source, arms, parse_rates(args.rate))
     backbone = scale.backbone(out, args.backbone)
     suite = [get_task(t).name for t in quality._list(args.tasks)] if args.tasks else \
         scales.suite_tasks(scale.overlay(configs))

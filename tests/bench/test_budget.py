@@ -108,6 +108,21 @@ def test_rates_come_from_a_matrix_search_and_ablations_take_the_spectral_rate(tm
     assert bud.chosen_rates(None, ["ortho"]) == {}
 
 
+def test_a_given_rate_comes_before_the_matrix_and_bad_ones_are_refused(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"lr_choice": {"shared": {"lr": 3e-3}}}))
+    given = bud.parse_rates(["speclora=1e-3", "shared=1e-4"])
+    assert given == {"speclora": 1e-3, "shared": 1e-4}
+    # an arm the matrix never searched runs at its given rate; a given rate wins over the matrix's choice
+    assert bud.chosen_rates(tmp_path, ["shared", "speclora", "speclora/no_filtering"], given) == {
+        "shared": 1e-4, "speclora": 1e-3, "speclora/no_filtering": 1e-3}
+    assert bud.chosen_rates(None, ["shared", "ortho"], {"shared": 3e-3}) == {"shared": 3e-3}
+    with pytest.raises(ValueError, match="--rate for 'ortho', not among the arms' methods; allowed: shared"):
+        bud.chosen_rates(None, ["shared"], {"ortho": 1e-3})
+    for bad in ("shared", "shared=fast", "=1e-3", "shared=-1e-3"):
+        with pytest.raises(ValueError, match="allowed: METHOD=LR with LR a positive number"):
+            bud.parse_rates([bad])
+
+
 def test_the_scale_budget_cells_of_a_matrix_are_reused_not_rerun(tmp_path):
     cells = bud.budget_cells(SMOKE, ["shared"], (10, 20), 1, MAKE, SUITE, {"shared": 3e-3})
     own = next(c for c in cells if c.steps is None)
