@@ -172,7 +172,7 @@ def _module(tiny_backbone: str, method) -> SpecLoRAModule:
     return module
 
 
-@pytest.mark.parametrize("method", [CAGrad(c=0.5), NashMTL(max_norm=0.0), NashMTL(max_norm=10.0),
+@pytest.mark.parametrize("method", [CAGrad(c=0.5), NashMTL(max_norm=0.0), NashMTL(max_norm=2.0),
                                     CAGrad(c=0.5, task_grads="backward"), NashMTL(max_norm=0.0, task_grads="backward")],
                          ids=["cagrad", "nash", "nash-clipped", "cagrad-backward", "nash-backward"])
 def test_a_step_writes_the_combination_into_the_shared_lora(tiny_backbone, batch, method):
