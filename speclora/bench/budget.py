@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from speclora.bench import quality
+from speclora.bench import name_and_positive, quality
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
 from speclora.bench.quality_stats import mean_std, tail
@@ -81,14 +81,10 @@ def parse_rates(texts: Sequence[str]) -> dict[str, float]:
     """``--rate METHOD=LR`` entries -> {method: lr}."""
     rates = {}
     for text in texts:
-        name, _, value = text.partition("=")
-        try:
-            lr = float(value)
-        except ValueError:
-            lr = float("nan")
-        if not name.strip() or not lr > 0:
+        name, lr = name_and_positive(text)
+        if not name or lr is None:
             raise ValueError(f"--rate {text!r}; allowed: METHOD=LR with LR a positive number (e.g. shared=3e-3)")
-        rates[name.strip()] = lr
+        rates[name] = lr
     return rates
 
 

@@ -34,7 +34,6 @@ import contextlib
 import gc
 import importlib
 import json
-import math
 import os
 import platform
 import shlex
@@ -48,6 +47,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from speclora.bench import name_and_positive
 
 REPO = Path(__file__).resolve().parents[2]
 SCALES = ("full", "tiny")
@@ -318,12 +319,8 @@ def run_section(section: Section, report: Report, limit: float) -> None:
 def _parse_limits(items: Sequence[str], names: Sequence[str], parser: argparse.ArgumentParser) -> dict[str, float]:
     limits = {}
     for item in items:
-        name, _, value = item.partition("=")
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if name not in names or not seconds > 0:
+        name, seconds = name_and_positive(item)
+        if name not in names or seconds is None:
             parser.error(f"--limit {item!r}: expected NAME=SECONDS with NAME in {', '.join(names)} and SECONDS > 0")
         limits[name] = seconds
     return limits
