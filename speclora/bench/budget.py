@@ -91,30 +91,30 @@ def parse_rates(texts: Sequence[str]) -> dict[str, float]:
 def chosen_rates(folder: Path | None, arms: Sequence[str], given: Mapping[str, float] | None = None
                  ) -> dict[str, float | None]:
     """arm -> its rate: ``given`` (by method; an ablation takes the spectral method's), else the rate a quality
-    matrix's search chose (``folder``/plan.json); {} with neither."""
+    matrix's search chose (``folder``/plan.json); an arm with neither is left out (it runs at its configs' rate)."""
     given = dict(given or {})
-    unknown = sorted(set(given) - {search.tuned_arm(a) for a in arms})
+    method = {arm: search.tuned_arm(arm) for arm in arms}
+    unknown = sorted(set(given) - set(method.values()))
     if unknown:
         raise ValueError(f"--rate for {', '.join(map(repr, unknown))}, not among the arms' methods; allowed: "
-                         f"{', '.join(sorted({search.tuned_arm(a) for a in arms}))}")
-    if folder is None:
-        return {arm: given[search.tuned_arm(arm)] for arm in arms if search.tuned_arm(arm) in given}
-    path = folder / quality.PLAN
-    if not path.is_file():
-        raise FileNotFoundError(f"--rates-from {folder}: no {quality.PLAN}; it is written once the matrix's "
-                                "learning-rate search has finished (speclora-bench quality --out that folder)")
-    choice = json.loads(path.read_text()).get("lr_choice") or {}
+                         f"{', '.join(sorted(set(method.values())))}")
+    choice = None
+    if folder is not None:
+        path = folder / quality.PLAN
+        if not path.is_file():
+            raise FileNotFoundError(f"--rates-from {folder}: no {quality.PLAN}; it is written once the matrix's "
+                                    "learning-rate search has finished (speclora-bench quality --out that folder)")
+        choice = json.loads(path.read_text()).get("lr_choice") or {}
     rates = {}
-    for arm in arms:
-        tuned = search.tuned_arm(arm)
+    for arm, tuned in method.items():
         if tuned in given:
             rates[arm] = given[tuned]
-            continue
-        if tuned not in choice:
-            raise ValueError(f"--rates-from {folder}: its search chose no rate for {tuned!r} (chosen: "
-                             f"{', '.join(sorted(choice)) or 'none'}); run the arm there first, give it --rate "
-                             f"{tuned}=LR, or drop it from --methods")
-        rates[arm] = choice[tuned]["lr"]
+        elif choice is not None:
+            if tuned not in choice:
+                raise ValueError(f"--rates-from {folder}: its search chose no rate for {tuned!r} (chosen: "
+                                 f"{', '.join(sorted(choice)) or 'none'}); run the arm there first, give it --rate "
+                                 f"{tuned}=LR, or drop it from --methods")
+            rates[arm] = choice[tuned]["lr"]
     return rates
 
 
