@@ -20,7 +20,9 @@ run at B: what a budget is worth is read across runs, not along one curve. Per a
 The recommended budget is the smallest B of ``--steps`` at which every arm is converged; the largest budget
 cannot be judged (nothing to gain against), so a scale needs at least two budgets. A cell at the scale's own
 budget is the quality matrix's seed cell (same arguments, same run id): with ``--rates-from`` it is reused
-from that folder instead of run again. Outputs: OUT/budget.md, OUT/budget.json, OUT/runs/<run>/; with
+from that folder instead of run again. ``--set KEY=VALUE`` (repeatable) adds a ``speclora fit`` option to every
+run, for an A/B of a setting (``--set model.regression_target=standard``): no matrix cell is reused then, and
+an output folder keeps the options it was run with (OUT/set.json; another set is refused). Outputs: OUT/budget.md, OUT/budget.json, OUT/runs/<run>/; with
 ``--update-doc`` the table is spliced into a markdown file between ``<!-- budget:<scale>:start/end -->``.
 """
 
@@ -47,6 +49,11 @@ from speclora.bench.quality_worker import RESULT
 from speclora.tasks import get_task
 
 TOL = 1.0  # points of validation average: "about 1 point" (issue 15)
+SETS = "set.json"  # the --set options an output folder was run with
+# options each cell sets itself, and the probe's option that sets them
+OWN = {"trainer.max_steps": "--steps", "trainer.val_check_interval": "--steps", "model.optim.lr": "--rate",
+       "seed_everything": "--seeds", "model.lora.init_seed": "--seeds", "data.tasks": "--tasks",
+       "model.backbone": "--backbone", "trainer.default_root_dir": "--out"}
 
 
 def scale_budget(overlay: Path) -> tuple[int, int]:
@@ -88,6 +95,32 @@ def parse_rates(texts: Sequence[str]) -> dict[str, float]:
     return rates
 
 
+def parse_sets(texts: Sequence[str]) -> tuple[str, ...]:
+    """``--set KEY=VALUE`` entries -> the ``speclora fit`` arguments they add (``--KEY VALUE`` each)."""
+    args: list[str] = []
+    for text in texts:
+        key, sep, value = text.partition("=")
+        key = key.strip()
+        if not sep or not key or key.startswith("-"):
+            raise ValueError(f"--set {text!r}; allowed: KEY=VALUE, KEY a speclora fit option without its dashes "
+                             "(e.g. model.regression_target=standard)")
+        if key in OWN:
+            raise ValueError(f"--set {key}: every run sets it itself; use {OWN[key]} instead")
+        args += [f"--{key}", value.strip()]
+    return tuple(args)
+
+
+def check_sets(out: Path, sets: Sequence[str]) -> None:
+    """Refuse to resume ``out`` with other ``--set`` options than it was run with (a finished run is reused by
+    its id, which does not name them); record them for a new folder."""
+    path, done = out / SETS, any((out / "runs").glob(f"*/{RESULT}"))
+    was = json.loads(path.read_text()) if path.is_file() else ([] if done else None)
+    if was is not None and list(was) != list(sets):
+        raise ValueError(f"--out {out} holds runs made with --set {shlex.join(was) or '(none)'}, not "
+                         f"{shlex.join(sets) or '(none)'}; allowed: the same options, or another --out")
+    path.write_text(json.dumps(list(sets)))
+
+
 def chosen_rates(folder: Path | None, arms: Sequence[str], given: Mapping[str, float] | None = None
                  ) -> dict[str, float | None]:
     """arm -> its rate: ``given`` (by method; an ablation takes the spectral method's), else the rate a quality
@@ -119,9 +152,10 @@ def chosen_rates(folder: Path | None, arms: Sequence[str], given: Mapping[str, f
 
 
 def budget_cells(scale: scales.Scale, arms: Sequence[str], steps: Sequence[int], seeds: int,
-                 make: scales.CellFactory, suite: Sequence[str], rates: Mapping[str, float | None]
-                 ) -> list[scales.Cell]:
-    """One cell per arm × budget × seed; at the scale's own budget the quality matrix's ``main`` cell itself."""
+                 make: scales.CellFactory, suite: Sequence[str], rates: Mapping[str, float | None],
+                 sets: Sequence[str] = ()) -> list[scales.Cell]:
+    """One cell per arm × budget × seed; at the scale's own budget the quality matrix's ``main`` cell itself
+    (``sets``: ``speclora fit`` arguments added to every cell)."""
     overlay = scale.overlay(make.configs)
     own, validations = scale_budget(overlay)
     cells = []
@@ -129,6 +163,7 @@ def budget_cells(scale: scales.Scale, arms: Sequence[str], steps: Sequence[int],
         for b in steps:
             for seed in range(seeds):
                 cell = make.cell("main", arm, seed, list(suite), overlay, rates.get(arm))
+                cell = dataclasses.replace(cell, args=cell.args + tuple(sets))
                 if b != own:
                     extra = ("--trainer.max_steps", str(b), "--trainer.val_check_interval", str(val_interval(b, validations)))
                     cell = dataclasses.replace(cell, group="budget", args=cell.args + extra, steps=b)
@@ -246,6 +281,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
                    help="a quality matrix's folder: its chosen rates, and its finished cells at the scale's budget")
     p.add_argument("--rate", action="append", default=[], metavar="METHOD=LR",
                    help="a method's rate (repeatable), before --rates-from's choice")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a speclora fit option for every run (repeatable), e.g. model.regression_target=standard")
     p.add_argument("--tol", type=float, default=TOL, help="points of validation average a longer budget may gain")
     p.add_argument("--tasks", default=None, help="comma list replacing the scale's suite")
     p.add_argument("--backbone", default=None, help="default: the scale's")
@@ -273,16 +310,20 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     arms = scales.select_arms(args.methods, configs)
     source = args.rates_from.resolve() if args.rates_from else None
     rates = chosen_rates(source, arms, parse_rates(args.rate))
+    sets = parse_sets(args.set)
     backbone = scale.backbone(out, args.backbone)
     suite = [get_task(t).name for t in quality._list(args.tasks)] if args.tasks else \
         scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)
-    cells = budget_cells(scale, arms, steps, args.seeds, make, suite, rates)
+    cells = budget_cells(scale, arms, steps, args.seeds, make, suite, rates, sets)
     if args.dry_run:
         for cell in cells:
             print(f"{cell.run_id}: speclora fit {shlex.join(cell.args)}")
         return 0
-    if source is not None:
+    check_sets(out, sets)
+    if source is not None and sets:
+        print(f"--set given: no cell of {source} is reused (its runs were made without it)", flush=True)
+    elif source is not None:
         print(f"reused from {source}: {reuse(cells, source, out)} results of its matrix", flush=True)
     isolation = args.isolation or scale.isolation
     jobs = args.jobs or (scale.jobs if isolation != "inline" else 1)
@@ -297,7 +338,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     summary = summarise(cells, {r["run_id"]: r for r in rows}, own, args.tol)
     meta = {"scale": scale.name, "command": f"{prog} {shlex.join(argv)}", "machine": quality.machine(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": args.seeds,
-            "validations": validations, "steps": list(steps),
+            "validations": validations, "steps": list(steps), "set": shlex.join(sets),
             "rates": ", ".join(f"{a} {scales.fmt_rate(r) if r else 'configs'}" for a, r in rates.items())
             if rates else "each arm's configs' rate"}
     text = markdown(summary, steps, meta)

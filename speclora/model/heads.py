@@ -4,7 +4,9 @@ Head by task kind (``speclora.tasks.registry``):
 
 ``classification``  dropout → Linear(H, H) → tanh → dropout → Linear(H, C); cross-entropy.
 ``regression``      the same with C = 1; mean squared error on the score mapped onto [−1, 1] by the task's
-                    ``label_range`` (STS-B: y' = (y − 2.5) / 2.5), predicted back as 2.5 + 2.5·z (below).
+                    ``label_range`` (STS-B: y' = (y − 2.5) / 2.5), predicted back as 2.5 + 2.5·z (below);
+                    ``regression_target`` chooses the map: ``range`` (that), ``standard`` (by the training
+                    scores' mean and std, ``label_stats``: (y − 2.70) / 1.46) or ``raw`` (none).
 ``choice``          the same with C = 1 applied to every option's sequence; softmax over the example's
                     options (COPA: 2, ReCoRD: one per candidate entity); cross-entropy on the gold option.
 
@@ -56,12 +58,25 @@ def _head(hidden: int, out: int, dropout: float) -> nn.Sequential:
     )
 
 
-def target_map(specs: Sequence[TaskSpec]) -> tuple[list[float], list[float]]:
-    """Per task, (shift, scale) with y' = (y − shift) / scale the target its head learns: the middle and half
-    width of a regression task's ``label_range``; (0, 1) for every other task (labels are class indices)."""
+REGRESSION_TARGETS = ("range", "standard", "raw")
+
+
+def target_map(specs: Sequence[TaskSpec], how: str = "range") -> tuple[list[float], list[float]]:
+    """Per task, (shift, scale) with y' = (y − shift) / scale the target its head learns. For a regression task,
+    by ``how``: ``range`` the middle and half width of its ``label_range``, ``standard`` the mean and std of its
+    ``label_stats``, ``raw`` (0, 1); (0, 1) for every other task (labels are class indices)."""
+    if how not in REGRESSION_TARGETS:
+        raise ValueError(f"regression_target={how!r}; allowed: {', '.join(map(repr, REGRESSION_TARGETS))}")
     shift, scale = [0.0] * len(specs), [1.0] * len(specs)
     for t, spec in enumerate(specs):
-        if spec.kind == "regression" and spec.label_range is not None:
+        if spec.kind != "regression" or how == "raw":
+            continue
+        if how == "standard":
+            if spec.label_stats is None or not spec.label_stats[1] > 0:
+                raise ValueError(f"task {spec.name!r}: label_stats={spec.label_stats}, regression_target='standard' "
+                                 "needs (mean, std) with std > 0; allowed otherwise: 'range', 'raw'")
+            shift[t], scale[t] = spec.label_stats
+        elif spec.label_range is not None:
             low, high = spec.label_range
             if not high > low:
                 raise ValueError(f"task {spec.name!r}: label_range={spec.label_range}; allowed: (low, high), low < high")
@@ -199,9 +214,11 @@ class TaskHeads(nn.Module):
         specs: the run's tasks (index = the task index carried by the batch).
         hidden: encoder width H.
         dropout: dropout inside the heads.
+        regression_target: how a regression head's target is mapped (:func:`target_map`).
     """
 
-    def __init__(self, specs: list[TaskSpec], hidden: int, dropout: float = 0.1) -> None:
+    def __init__(self, specs: list[TaskSpec], hidden: int, dropout: float = 0.1,
+                 regression_target: str = "range") -> None:
         super().__init__()
         self.specs = specs
         self.dropout = float(dropout)
@@ -211,7 +228,7 @@ class TaskHeads(nn.Module):
         # per task: its kind code and its head's width C_t (not state: rebuilt from the specs)
         self.register_buffer("kind_code", torch.tensor([KINDS.index(s.kind) for s in specs]), persistent=False)
         self.register_buffer("task_width", torch.tensor(widths), persistent=False)
-        shift, scale = target_map(specs)  # (T,), (T,): y' = (y − shift) / scale, state (what the heads learnt)
+        shift, scale = target_map(specs, regression_target)  # (T,), (T,): y' = (y − shift) / scale, state (what the heads learnt)
         self.register_buffer("target_shift", torch.tensor(shift))
         self.register_buffer("target_scale", torch.tensor(scale))
         self._slot_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # (2, T) per task set

@@ -33,7 +33,7 @@ from speclora.metrics import TaskMetrics, suite_average
 from speclora.model.adapted import AdaptedEncoder, BuildInputs, upgrade_state_dict
 from speclora.model.compile import CompileConfig, compile_config
 from speclora.model.config import LoRAConfig, OptimConfig, config_from
-from speclora.model.heads import HeadOutput, TaskHeads, TaskOutput, TaskOutputs
+from speclora.model.heads import REGRESSION_TARGETS, HeadOutput, TaskHeads, TaskOutput, TaskOutputs
 from speclora.model.lora import resolve_targets
 from speclora.model.method import Method, resolve_method
 from speclora.model.optim import adamw_with_schedule, clip_unscaled_gradients, fused_setting
@@ -66,6 +66,7 @@ class SpecLoRAModule(L.LightningModule):
         optim: optimiser and schedule.
         pooling: ``cls`` (first token) or ``mean`` (mean of the unmasked tokens).
         head_dropout: dropout inside the task heads.
+        regression_target: ``range``, ``standard`` or ``raw``: a regression head's target (heads.target_map).
         loss_weights: ``uniform`` or ``size`` (module docstring).
         encoder_dtype: ``float32`` or ``bfloat16``: the dtype the frozen encoder weights are held (and the
             encoder computes) in; adapters, heads and optimizer state stay float32. bfloat16 halves the
@@ -91,6 +92,7 @@ class SpecLoRAModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         pooling: Literal["cls", "mean"] = "cls",
         head_dropout: float = 0.1,
+        regression_target: Literal["range", "standard", "raw"] = "range",
         loss_weights: Literal["uniform", "size"] = "uniform",
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         tf32: bool = True,
@@ -105,20 +107,18 @@ class SpecLoRAModule(L.LightningModule):
         self.compile_cfg = compile_config(compile)
         method.check(self.specs)
         for key, value, allowed in (("pooling", pooling, ("cls", "mean")), ("loss_weights", loss_weights, ("uniform", "size")),
-                                    ("encoder_dtype", encoder_dtype, tuple(ENCODER_DTYPES))):
+                                    ("encoder_dtype", encoder_dtype, tuple(ENCODER_DTYPES)),
+                                    ("regression_target", regression_target, REGRESSION_TARGETS)):
             if value not in allowed:
                 raise ValueError(f"model.{key}={value!r}; allowed: {', '.join(map(repr, allowed))}")
-        self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone,
-                                   "method": method.hparams(),
+        self.save_hyperparameters({"tasks": [s.name for s in self.specs], "backbone": backbone, "method": method.hparams(),
                                    "lora": asdict(lora), "optim": asdict(optim), "pooling": pooling,
-                                   "head_dropout": head_dropout, "loss_weights": loss_weights,
-                                   "encoder_dtype": encoder_dtype, "tf32": tf32, "compile": asdict(self.compile_cfg)})
+                                   "head_dropout": head_dropout, "regression_target": regression_target,
+                                   "loss_weights": loss_weights, "encoder_dtype": encoder_dtype, "tf32": tf32,
+                                   "compile": asdict(self.compile_cfg)})
         self.method_name = method.name
-        self.lora_cfg = lora
-        self.optim_cfg = optim
-        self.pooling = pooling
-        self.loss_weights = loss_weights
-        self.backbone_name = backbone
+        self.lora_cfg, self.optim_cfg = lora, optim
+        self.pooling, self.loss_weights, self.backbone_name = pooling, loss_weights, backbone
 
         from transformers import AutoModel
 
@@ -142,7 +142,7 @@ class SpecLoRAModule(L.LightningModule):
         if encoder_dtype != "float32":
             self._hold_encoder_in(ENCODER_DTYPES[encoder_dtype])
         self.adapted.use_compile(self.compile_cfg)  # eager unless model.compile.mode is set
-        self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout)
+        self.heads = TaskHeads(self.specs, self.encoder.config.hidden_size, head_dropout, regression_target)
         self.metrics = nn.ModuleDict({entry: TaskMetrics(spec, entry if entry in spec.eval_names else None)
                                       for spec in self.specs for entry in (spec.name, *spec.eval_names)})
         self._entry_task = {entry: spec.name for spec in self.specs for entry in (spec.name, *spec.eval_names)}

@@ -79,6 +79,8 @@ class TaskSpec:
         subsets: published few-shot subsets: name -> {split: path}.
         label_range: ``regression`` only: the (low, high) the task's scores are defined on (STS-B: 0 to 5);
             the head learns the score mapped onto [−1, 1] (speclora.model.heads). None: the raw score.
+        label_stats: ``regression`` only: the (mean, std) of the training split's scores (STS-B: 2.70, 1.46),
+            for ``model.regression_target: standard``. None: that choice is refused for the task.
     """
 
     name: str
@@ -94,6 +96,7 @@ class TaskSpec:
     eval_sets: tuple[EvalSet, ...] = (EvalSet("", "dev", "test"),)
     subsets: dict[str, dict[str, str]] = field(default_factory=dict)
     label_range: tuple[float, float] | None = None
+    label_stats: tuple[float, float] | None = None
 
     @property
     def eval_names(self) -> tuple[str, ...]:
@@ -149,7 +152,7 @@ _TASKS: tuple[TaskSpec, ...] = (
     TaskSpec("mrpc", "MRPC", "glue", "tsv", _glue("MRPC"), "classification", 2, ("0", "1"),
              ("f1", "accuracy"), 3668),
     TaskSpec("stsb", "STS-B", "glue", "tsv", _glue("STS-B"), "regression", 1, (),
-             ("pearson", "spearman"), 5749, label_range=(0.0, 5.0)),
+             ("pearson", "spearman"), 5749, label_range=(0.0, 5.0), label_stats=(2.70, 1.46)),
     TaskSpec("qqp", "QQP", "glue", "tsv", _glue("QQP"), "classification", 2, ("0", "1"),
              ("f1", "accuracy"), 363846, subsets=_lmbff("QQP", "dev")),
     TaskSpec(

@@ -152,3 +152,34 @@ def test_budget_runs_on_the_smoke_scale(tmp_path, data_root):
     # a second run reuses every finished cell
     assert bench_main(["budget", "--scale", "smoke", "--out", str(out), "--steps", "10,20", "--methods",
                        "independent", "--tasks", "rte,stsb", "--data-dir", str(data_root)]) == 0
+
+
+def test_set_adds_a_fit_option_to_every_cell_and_refuses_the_probes_own():
+    sets = bud.parse_sets(["model.regression_target=standard", "model.head_dropout = 0.0"])
+    assert sets == ("--model.regression_target", "standard", "--model.head_dropout", "0.0")
+    cells = bud.budget_cells(SMOKE, ["shared"], (10, 20), 1, MAKE, SUITE, {"shared": 3e-3}, sets)
+    assert all(_arg(c, "--model.regression_target") == "standard" for c in cells) and len(cells) == 2
+    assert {_arg(c, "--trainer.max_steps") for c in cells} == {"10", None}  # the budget is still the probe's
+    for bad, match in (("model.regression_target", "allowed: KEY=VALUE"), ("=x", "allowed: KEY=VALUE"),
+                       ("--model.x=1", "allowed: KEY=VALUE"), ("trainer.max_steps=5", "use --steps instead"),
+                       ("model.optim.lr=1e-3", "use --rate instead")):
+        with pytest.raises(ValueError, match=match):
+            bud.parse_sets([bad])
+
+
+def test_an_output_folder_keeps_the_set_it_was_run_with(tmp_path):
+    out = tmp_path / "probe"
+    (out / "runs" / "r").mkdir(parents=True)
+    bud.check_sets(out, ("--model.regression_target", "standard"))  # a new folder records its options
+    bud.check_sets(out, ("--model.regression_target", "standard"))  # and resumes with the same
+    (out / "runs" / "r" / "result.json").write_text("{}")
+    with pytest.raises(ValueError, match="holds runs made with --set --model.regression_target standard, not "
+                                         r"\(none\); allowed: the same options, or another --out"):
+        bud.check_sets(out, ())
+    old = tmp_path / "old"  # a folder of runs from before set.json: made without any --set
+    (old / "runs" / "r").mkdir(parents=True)
+    (old / "runs" / "r" / "result.json").write_text("{}")
+    bud.check_sets(old, ())
+    (old / "set.json").unlink()
+    with pytest.raises(ValueError, match=r"made with --set \(none\)"):
+        bud.check_sets(old, ("--model.regression_target", "raw"))

@@ -93,3 +93,34 @@ def test_the_map_follows_the_module_to_its_device():
     meta = torch.device("meta")
     moved = TaskHeads(resolve_tasks(["stsb"]), 8).to(meta)
     assert moved.target_shift.device == meta and moved.target_scale.device == meta
+
+
+def test_regression_target_chooses_the_map_and_refuses_what_it_cannot_build():
+    specs = resolve_tasks(["rte", "stsb"])
+    assert target_map(specs, "range") == target_map(specs) == ([0.0, 2.5], [1.0, 2.5])
+    assert target_map(specs, "standard") == ([0.0, 2.70], [1.0, 1.46])  # STS-B train: mean 2.70, std 1.46
+    assert target_map(specs, "raw") == ([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="regression_target='spread'; allowed: 'range', 'standard', 'raw'"):
+        target_map(specs, "spread")
+    for stats in (None, (2.7, 0.0)):
+        with pytest.raises(ValueError, match=r"task 'stsb': label_stats=.*needs \(mean, std\) with std > 0"):
+            target_map([dataclasses.replace(specs[1], label_stats=stats)], "standard")
+    heads = TaskHeads(specs, 8, regression_target="standard")
+    assert heads.target_shift.tolist() == pytest.approx([0.0, 2.70]) and heads.target_scale[1].item() == pytest.approx(1.46)
+
+
+def test_the_module_refuses_an_unknown_regression_target():
+    from speclora.model.module import SpecLoRAModule
+
+    with pytest.raises(ValueError, match="model.regression_target='spread'; allowed: 'range', 'standard', 'raw'"):
+        SpecLoRAModule(tasks=["stsb"], regression_target="spread")
+
+
+def test_label_stats_are_the_training_split_s(data_root):
+    """STS-B's label_stats are the mean and std of the scores of its training file (to the digits given)."""
+    from speclora.data.sources import read_split
+
+    (spec,) = resolve_tasks(["stsb"])
+    scores = torch.tensor([e.label for e in read_split(spec, "train", data_root)], dtype=torch.float64)
+    assert len(scores) == spec.train_records
+    assert (scores.mean().item(), scores.std(correction=0).item()) == pytest.approx(spec.label_stats, abs=0.005)
