@@ -292,6 +292,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the scale's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
     p.add_argument("--run-timeout", type=float, default=None)
+    p.add_argument("--retry-failed", action="store_true", help="run the failed cells again (default: kept)")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
     p.add_argument("--update-doc", type=Path, default=None, help="also splice the table into this markdown file")
     return p
@@ -333,7 +334,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
         quality.warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
     rows = quality.run_plan(plan, out, isolation=isolation, jobs=jobs, threads=threads,
                             conflict_batches=scale.conflict_batches, timeout=args.run_timeout,
-                            progress=lambda s: print(s, flush=True), what="budget probe")
+                            retry_failed=args.retry_failed, progress=lambda s: print(s, flush=True),
+                            what="budget probe")
     own, validations = scale_budget(scale.overlay(configs))
     summary = summarise(cells, {r["run_id"]: r for r in rows}, own, args.tol)
     meta = {"scale": scale.name, "command": f"{prog} {shlex.join(argv)}", "machine": quality.machine(),

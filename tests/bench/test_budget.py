@@ -150,8 +150,14 @@ def test_budget_runs_on_the_smoke_scale(tmp_path, data_root):
         assert curve[-1][0] == last and len(curve) == (5 if last == 10 else 4)
     assert "| independent |" in (out / "budget.md").read_text()
     # a second run reuses every finished cell
-    assert bench_main(["budget", "--scale", "smoke", "--out", str(out), "--steps", "10,20", "--methods",
-                       "independent", "--tasks", "rte,stsb", "--data-dir", str(data_root)]) == 0
+    again = ["budget", "--scale", "smoke", "--out", str(out), "--steps", "10,20", "--methods", "independent",
+             "--tasks", "rte,stsb", "--data-dir", str(data_root)]
+    assert bench_main(again) == 0
+    # a failed cell is kept (the probe is incomplete) unless --retry-failed runs it again
+    path = out / "runs" / "budget__independent__suite__seed0__steps10" / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "status": "failed", "error": "SystemExit: 2"}))
+    assert bench_main(again) == 1 and json.loads(path.read_text())["status"] == "failed"
+    assert bench_main([*again, "--retry-failed"]) == 0 and json.loads(path.read_text())["status"] == "ok"
 
 
 def test_set_adds_a_fit_option_to_every_cell_and_refuses_the_probes_own():
