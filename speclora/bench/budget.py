@@ -20,10 +20,11 @@ run at B: what a budget is worth is read across runs, not along one curve. Per a
 The recommended budget is the smallest B of ``--steps`` at which every arm is converged; the largest budget
 cannot be judged (nothing to gain against), so a scale needs at least two budgets. A cell at the scale's own
 budget is the quality matrix's seed cell (same arguments, same run id): with ``--rates-from`` it is reused
-from that folder instead of run again. ``--set KEY=VALUE`` (repeatable) adds a ``speclora fit`` option to every
-run, for an A/B of a setting (``--set model.regression_target=standard``): no matrix cell is reused then, and
-an output folder keeps the options it was run with (OUT/set.json; another set is refused). Outputs: OUT/budget.md, OUT/budget.json, OUT/runs/<run>/; with
-``--update-doc`` the table is spliced into a markdown file between ``<!-- budget:<scale>:start/end -->``.
+from that folder instead of run again. ``--set KEY=VALUE`` (repeatable) adds a ``speclora fit`` option to
+every run, for an A/B of a setting (``--set model.regression_target=standard``): no matrix cell is reused
+then, and an output folder keeps the options it was run with (OUT/set.json; another set is refused).
+Outputs: OUT/budget.md, OUT/budget.json, OUT/runs/<run>/; with ``--update-doc`` the table is spliced into a
+markdown file between ``<!-- budget:<scale>:start/end -->``.
 """
 
 from __future__ import annotations
