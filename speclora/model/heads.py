@@ -3,10 +3,10 @@
 Head by task kind (``speclora.tasks.registry``):
 
 ``classification``  dropout → Linear(H, H) → tanh → dropout → Linear(H, C); cross-entropy.
-``regression``      the same with C = 1; mean squared error on the score mapped onto [−1, 1] by the task's
-                    ``label_range`` (STS-B: y' = (y − 2.5) / 2.5), predicted back as 2.5 + 2.5·z (below);
-                    ``regression_target`` chooses the map: ``range`` (that), ``standard`` (by the training
-                    scores' mean and std, ``label_stats``: (y − 2.70) / 1.46) or ``raw`` (none).
+``regression``      the same with C = 1; mean squared error on the score standardised by the mean and std of
+                    the task's training scores (``label_stats``; STS-B: y' = (y − 2.70) / 1.46), predicted
+                    back as 2.70 + 1.46·z (below); ``regression_target`` chooses the map: ``standard``
+                    (that), ``range`` (onto [−1, 1] by ``label_range``: (y − 2.5) / 2.5) or ``raw`` (none).
 ``choice``          the same with C = 1 applied to every option's sequence; softmax over the example's
                     options (COPA: 2, ReCoRD: one per candidate entity); cross-entropy on the gold option.
 
@@ -21,7 +21,9 @@ Regression targets are scaled because a score far from 0 (STS-B's mean is about 
 loss about 10× a classification loss, and its gradient is nearly the same for every example: a shared adapter
 at a high rate then moves every pooled vector the same way to raise the mean prediction, and the STS-B head
 is left with inputs it cannot tell apart (the 2026-12-01 ``cpu`` matrix: ``shared`` and ``unolora_star`` at
-3e-3 ended with validation Pearson ≈ 0.05 on some seeds, docs/results.md). The shift and scale are buffers
+3e-3 ended with validation Pearson ≈ 0.05 on some seeds, docs/results.md). Standardising (unit variance)
+rather than mapping the range onto [−1, 1] (variance 0.34 on STS-B) keeps the task's share of the summed
+loss near a classification loss's (docs/results.md, "Regression targets"). The shift and scale are buffers
 of the state dict; a checkpoint written before them loads with the raw score (shift 0, scale 1), logged.
 
 Which tasks a batch holds is host knowledge (the collator writes ``batch["present_tasks"]``); a batch
@@ -61,7 +63,7 @@ def _head(hidden: int, out: int, dropout: float) -> nn.Sequential:
 REGRESSION_TARGETS = ("range", "standard", "raw")
 
 
-def target_map(specs: Sequence[TaskSpec], how: str = "range") -> tuple[list[float], list[float]]:
+def target_map(specs: Sequence[TaskSpec], how: str = "standard") -> tuple[list[float], list[float]]:
     """Per task, (shift, scale) with y' = (y − shift) / scale the target its head learns. For a regression task,
     by ``how``: ``range`` the middle and half width of its ``label_range``, ``standard`` the mean and std of its
     ``label_stats``, ``raw`` (0, 1); (0, 1) for every other task (labels are class indices)."""
@@ -82,6 +84,11 @@ def target_map(specs: Sequence[TaskSpec], how: str = "range") -> tuple[list[floa
                 raise ValueError(f"task {spec.name!r}: label_range={spec.label_range}; allowed: (low, high), low < high")
             shift[t], scale[t] = (low + high) / 2, (high - low) / 2
     return shift, scale
+
+
+def _shortest(value: Tensor) -> float:
+    """A 0-d float32 tensor as the shortest decimal that reads back to it (2.7, not 2.700000047683716)."""
+    return float(str(value.detach().cpu().numpy()))
 
 
 def present_tasks(batch: Mapping[str, object]) -> tuple[int, ...]:
@@ -218,7 +225,7 @@ class TaskHeads(nn.Module):
     """
 
     def __init__(self, specs: list[TaskSpec], hidden: int, dropout: float = 0.1,
-                 regression_target: str = "range") -> None:
+                 regression_target: str = "standard") -> None:
         super().__init__()
         self.specs = specs
         self.dropout = float(dropout)
@@ -370,8 +377,8 @@ class TaskHeads(nn.Module):
         save_file(head, str(folder / HEAD_WEIGHTS))
         (folder / TASK_META).write_text(json.dumps(
             {"task": spec.name, "kind": spec.kind, "num_labels": spec.num_labels,
-             "label_names": list(spec.label_names), "target_shift": float(self.target_shift[t]),
-             "target_scale": float(self.target_scale[t]), **meta}, indent=2))
+             "label_names": list(spec.label_names), "target_shift": _shortest(self.target_shift[t]),
+             "target_scale": _shortest(self.target_scale[t]), **meta}, indent=2))
 
     def load_head(self, t: int, folder: Path) -> None:
         """Task t's head from ``folder/head.safetensors`` (:meth:`save_head`); FileNotFoundError naming the file."""

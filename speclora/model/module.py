@@ -92,7 +92,7 @@ class SpecLoRAModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         pooling: Literal["cls", "mean"] = "cls",
         head_dropout: float = 0.1,
-        regression_target: Literal["range", "standard", "raw"] = "range",
+        regression_target: Literal["range", "standard", "raw"] = "standard",
         loss_weights: Literal["uniform", "size"] = "uniform",
         encoder_dtype: Literal["float32", "bfloat16"] = "float32",
         tf32: bool = True,

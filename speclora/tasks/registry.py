@@ -78,9 +78,11 @@ class TaskSpec:
         train_records: official number of training records (lines/rows), for the split rule.
         subsets: published few-shot subsets: name -> {split: path}.
         label_range: ``regression`` only: the (low, high) the task's scores are defined on (STS-B: 0 to 5);
-            the head learns the score mapped onto [−1, 1] (speclora.model.heads). None: the raw score.
-        label_stats: ``regression`` only: the (mean, std) of the training split's scores (STS-B: 2.70, 1.46),
-            for ``model.regression_target: standard``. None: that choice is refused for the task.
+            with ``model.regression_target: range`` the head learns the score mapped onto [−1, 1]
+            (speclora.model.heads). None: the raw score there.
+        label_stats: ``regression`` only: the (mean, std) of the training split's scores (STS-B: 2.70, 1.46);
+            with ``model.regression_target: standard`` (the default) the head learns the score standardised
+            by them. None: that choice is refused for the task.
     """
 
     name: str

@@ -18,7 +18,7 @@ def test_a_head_round_trips_with_its_description(tmp_path):
     saved.save_head(1, tmp_path / "stsb", pooling="mean", method="independent")
     meta = json.loads((tmp_path / "stsb" / TASK_META).read_text())
     assert meta == {"task": "stsb", "kind": "regression", "num_labels": 1,
-                    "label_names": list(specs[1].label_names), "target_shift": 2.5, "target_scale": 2.5,
+                    "label_names": list(specs[1].label_names), "target_shift": 2.7, "target_scale": 1.46,
                     "pooling": "mean", "method": "independent"}
     assert list(meta) == ["task", "kind", "num_labels", "label_names", "target_shift", "target_scale", "pooling",
                           "method"]
