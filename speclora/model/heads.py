@@ -235,7 +235,8 @@ class TaskHeads(nn.Module):
         # per task: its kind code and its head's width C_t (not state: rebuilt from the specs)
         self.register_buffer("kind_code", torch.tensor([KINDS.index(s.kind) for s in specs]), persistent=False)
         self.register_buffer("task_width", torch.tensor(widths), persistent=False)
-        shift, scale = target_map(specs, regression_target)  # (T,), (T,): y' = (y − shift) / scale, state (what the heads learnt)
+        # (T,), (T,): y' = (y − shift) / scale; state (what the heads learnt)
+        shift, scale = target_map(specs, regression_target)
         self.register_buffer("target_shift", torch.tensor(shift))
         self.register_buffer("target_scale", torch.tensor(scale))
         self._slot_cache: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # (2, T) per task set
@@ -399,7 +400,7 @@ class TaskHeads(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # a checkpoint written before the target buffers: its heads learnt the raw score (module docstring)
         if prefix + "target_shift" not in state_dict and any(k.startswith(prefix + "heads.") for k in state_dict):
-            if any(s.kind == "regression" and s.label_range is not None for s in self.specs):
+            if bool((self.target_shift != 0).any() or (self.target_scale != 1).any()):  # a map the raw score lacks
                 log.warning("a checkpoint without %starget_shift/target_scale (written before scaled regression "
                             "targets): its regression heads keep the raw score", prefix)
             state_dict[prefix + "target_shift"] = torch.zeros_like(self.target_shift)
