@@ -24,7 +24,8 @@ from that folder instead of run again. ``--set KEY=VALUE`` (repeatable) adds a `
 every run, for an A/B of a setting (``--set model.regression_target=standard``): no matrix cell is reused
 then, and an output folder keeps the options it was run with (OUT/set.json; another set is refused).
 Outputs: OUT/budget.md, OUT/budget.json, OUT/runs/<run>/; with ``--update-doc`` the table is spliced into a
-markdown file between ``<!-- budget:<scale>:start/end -->``.
+markdown file between ``<!-- budget:<scale>:start/end -->``. ``--deadline SECONDS`` runs a slice, as quality's
+(speclora.bench.quality_deadline): exit code 3 while cells are left.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import yaml
 from speclora.bench import name_and_positive, quality
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
+from speclora.bench.quality_deadline import INCOMPLETE, Deadline
 from speclora.bench.quality_stats import mean_std, tail
 from speclora.bench.quality_worker import RESULT
 from speclora.tasks import get_task
@@ -293,6 +295,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="runs at once (default: the scale's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
     p.add_argument("--run-timeout", type=float, default=None)
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds this invocation may run, as speclora-bench quality --deadline (exit 3: cells left)")
     p.add_argument("--retry-failed", action="store_true", help="run the failed cells again (default: kept)")
     p.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
     p.add_argument("--update-doc", type=Path, default=None, help="also splice the table into this markdown file")
@@ -333,10 +337,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     plan = scales.Plan(tuple(cells), tuple(suite), (), {})
     if isolation != "inline" and jobs > 1:
         quality.warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
+    deadline = None if args.deadline is None else Deadline(args.deadline, out)
     rows = quality.run_plan(plan, out, isolation=isolation, jobs=jobs, threads=threads,
                             conflict_batches=scale.conflict_batches, timeout=args.run_timeout,
                             retry_failed=args.retry_failed, progress=lambda s: print(s, flush=True),
-                            what="budget probe")
+                            what="budget probe", deadline=deadline)
     own, validations = scale_budget(scale.overlay(configs))
     summary = summarise(cells, {r["run_id"]: r for r in rows}, own, args.tol)
     meta = {"scale": scale.name, "command": f"{prog} {shlex.join(argv)}", "machine": quality.machine(),
@@ -351,4 +356,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     if args.update_doc is not None:
         quality.splice(args.update_doc, scale.name, text, kind="budget")
     print(text, flush=True)
+    if deadline is not None and quality.pending(cells, out):
+        print(deadline.summary(), flush=True)
+        return INCOMPLETE  # cells left for the next invocation of the same command
     return 0 if summary["complete"] else 1

@@ -11,7 +11,9 @@ each cell through :func:`speclora.cli.main` (``speclora fit`` then ``speclora te
 layering (speclora.bench.quality_scales). First each method's learning rate is chosen on the validation
 split from a small grid, seed 0 or --search-seeds N (speclora.bench.quality_search); then every seed runs at the chosen rate.
 A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so an interrupted matrix resumes where it
-stopped and a second run of the same command runs nothing (``--retry-failed`` reruns the failed ones). Outputs:
+stopped and a second run of the same command runs nothing (``--retry-failed`` reruns the failed ones).
+``--deadline SECONDS`` runs a slice that ends on time (speclora.bench.quality_deadline; exit code 3 while
+cells are left): how the `gpu` matrix runs on a GPU lent a few minutes at a time (.ci/gpu-matrix). Outputs:
 
     OUT/results.csv   one line per run (role: matrix or lr search; method, seed, rate, task scores, average, costs)
     OUT/results.md    the tables (speclora.bench.report), with the command, machine and date
@@ -27,173 +29,30 @@ import json
 import os
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
+from speclora.bench.quality_deadline import INCOMPLETE, Deadline
 from speclora.bench.quality_pool import CellPool
-from speclora.bench.quality_scales import Cell, Plan
-from speclora.bench.quality_worker import (
-    RESULT,
-    failed_result,
-    log_tail,
-    output_to,
-    run_cell,
-    write_cell_spec,
-    write_result,
+from speclora.bench.quality_run import (  # noqa: F401  (run_plan, pending: this module's API since it had them)
+    ISOLATIONS,
+    POOL_LOGS,
+    collect_rows,
+    pending,
+    run_plan,
+    subset_of,
 )
+from speclora.bench.quality_scales import Plan
 from speclora.tasks import get_task
 
 PLAN = "plan.json"
 META = "meta.json"
-POOL_LOGS = "pool"  # OUT/pool/worker-<n>.log: the pool workers' own output
-ISOLATIONS = ("inline", "process", "pool")
-
-
-# ---------------------------------------------------------------------- running cells
-def _subset_of(cell: Cell) -> str | None:
-    args = list(cell.args)
-    return args[args.index("--data.subset") + 1] if "--data.subset" in args else None
-
-
-def _run_inline(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int,
-                keep_checkpoints: bool) -> dict[str, Any]:
-    argv = sys.argv
-    sys.argv = argv[:1]  # LightningCLI(args=...) warns when the bench's own arguments are on sys.argv
-    try:
-        with output_to(run_dir / "run.log"):
-            return run_cell(cell, run_dir, threads, conflict_batches, keep_checkpoints)
-    finally:
-        sys.argv = argv
-
-
-def _run_process(cell: Cell, run_dir: Path, threads: int | None, conflict_batches: int, keep_checkpoints: bool,
-                 timeout: float | None) -> dict[str, Any]:
-    write_cell_spec(run_dir, cell, threads, conflict_batches, keep_checkpoints)
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    cmd = [sys.executable, "-m", "speclora.bench.quality_worker", str(run_dir)]
-    with (run_dir / "run.log").open("ab") as log:
-        try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            why = f"the worker process exited with code {proc.returncode} and wrote no result"
-        except subprocess.TimeoutExpired:
-            why = f"timeout: the run took longer than --run-timeout {timeout:g} s"
-    path = run_dir / RESULT
-    if path.is_file() and not why.startswith("timeout"):
-        return json.loads(path.read_text())
-    result = failed_result(cell, run_dir, why, log_tail(run_dir / "run.log"))
-    write_result(run_dir, result)
-    return result
-
-
-def run_plan(
-    plan: Plan,
-    out: Path,
-    isolation: str = "inline",
-    jobs: int = 1,
-    threads: int | None = None,
-    conflict_batches: int = 4,
-    retry_failed: bool = False,
-    keep_checkpoints: bool = False,
-    timeout: float | None = None,
-    progress: Callable[[str], None] = print,
-    what: str = "quality matrix",
-    pool: CellPool | None = None,
-    timings: dict[str, float] | None = None,
-) -> list[dict[str, Any]]:
-    """Run every cell of the plan that has no result yet; return the rows of all cells (planned order).
-
-    A cell with a result file is skipped (``retry_failed``: unless it failed); a cell without one starts
-    afresh (a half-written run folder is removed first). Returns one row per cell: its result, or a
-    ``status: missing`` row for a cell that did not run. ``isolation``: ``inline`` (this process),
-    ``process`` (a fresh process per cell) or ``pool`` (``jobs`` long-lived worker processes,
-    speclora.bench.quality_pool; ``pool``: one already started, kept open for the caller's next plan).
-    ``timings``: filled with run id -> the wall time of each cell run, as the runner saw it.
-    """
-    if isolation not in ISOLATIONS:
-        raise ValueError(f"--isolation={isolation!r}; allowed: {', '.join(ISOLATIONS)}")
-    if jobs < 1:
-        raise ValueError(f"--jobs={jobs}; allowed: an integer >= 1")
-    if isolation == "inline" and jobs > 1:
-        raise ValueError(f"--jobs={jobs} needs --isolation process or pool (inline runs one cell at a time)")
-    runs = out / "runs"
-    todo = pending(plan.cells, out, retry_failed)
-    progress(f"{what}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
-             f"{len(todo)} to run ({isolation}, {jobs} at a time)")
-
-    def one(i_cell: tuple[int, Cell]) -> None:
-        i, cell = i_cell
-        run_dir = runs / cell.run_id
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True)
-        start = time.perf_counter()
-        if isolation == "inline":
-            result = _run_inline(cell, run_dir, threads, conflict_batches, keep_checkpoints)
-        elif isolation == "pool":
-            result = workers.run(cell, run_dir, threads, conflict_batches, keep_checkpoints, timeout)
-        else:
-            result = _run_process(cell, run_dir, threads, conflict_batches, keep_checkpoints, timeout)
-        seconds = time.perf_counter() - start
-        if timings is not None:
-            timings[cell.run_id] = seconds
-        avg = result.get("average")
-        what = f"average {avg:.2f}" if isinstance(avg, float) else (result.get("error") or "")[:160]
-        progress(f"[{i}/{len(todo)}] {cell.run_id}: {result['status']} in {seconds:.1f} s, {what}")
-
-    with contextlib.ExitStack() as stack:
-        workers = pool
-        if isolation == "pool" and workers is None and todo:
-            workers = stack.enter_context(CellPool(jobs, out / POOL_LOGS, threads))
-        if jobs == 1:
-            for item in enumerate(todo, 1):
-                one(item)
-        else:
-            with ThreadPoolExecutor(jobs) as threads_pool:
-                try:
-                    list(threads_pool.map(one, enumerate(todo, 1)))
-                except BaseException:  # e.g. Ctrl-C: do not wait for the pool's running cells to finish
-                    if workers is not None:
-                        workers.terminate()
-                    raise
-    return collect_rows(plan.cells, out)
-
-
-def pending(cells: Sequence[Cell], out: Path, retry_failed: bool = False) -> list[Cell]:
-    """The cells without a result file (``retry_failed``: also those whose result says failed)."""
-    todo = []
-    for cell in cells:
-        path = out / "runs" / cell.run_id / RESULT
-        if path.is_file():
-            status = json.loads(path.read_text()).get("status")
-            if not (retry_failed and status != "ok"):
-                continue
-        todo.append(cell)
-    return todo
-
-
-def collect_rows(cells: Sequence[Cell], out: Path) -> list[dict[str, Any]]:
-    """One row per planned cell: its result file, else a ``missing`` row."""
-    rows = []
-    for cell in cells:
-        path = out / "runs" / cell.run_id / RESULT
-        if path.is_file():
-            row = json.loads(path.read_text())
-        else:
-            row = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
-                   "tasks": list(cell.tasks), "status": "missing", "error": "not run (yet)"}
-        row["subset"] = _subset_of(cell)
-        row["lr"] = cell.lr
-        rows.append(row)
-    return rows
 
 
 def warm_cache(plan: Plan, configs: Path, scale: scales.Scale, backbone: str, data_dir: str | None,
@@ -206,7 +65,7 @@ def warm_cache(plan: Plan, configs: Path, scale: scales.Scale, backbone: str, da
     seen = set()
     for cell in plan.cells:
         few = cell.group.startswith("fewshot")
-        key = (few, _subset_of(cell) if few else None)
+        key = (few, subset_of(cell) if few else None)
         if key in seen:
             continue
         seen.add(key)
@@ -302,6 +161,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--jobs", type=int, default=None, help="runs at once (process, pool; default: the scale's)")
     q.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: the scale's)")
     q.add_argument("--run-timeout", type=float, default=None, help="seconds before a run (process, pool) is killed")
+    q.add_argument("--deadline", type=float, default=None,
+                   help="seconds this invocation may run: no cell starts that would not end in time, running ones "
+                        "are stopped at the end and rerun next time; exit code 3 while cells are left (run the "
+                        "same command again). For a device lent by the call (speclora.bench.quality_deadline)")
     q.add_argument("--retry-failed", action="store_true", help="rerun cells whose result says failed")
     q.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: delete)")
     q.add_argument("--dry-run", action="store_true", help="print the planned commands and stop")
@@ -340,8 +203,9 @@ def _grid(args: argparse.Namespace, scale: scales.Scale) -> tuple[float, ...] | 
     return None if args.lr_grid.strip().lower() == "none" else search.parse_grid(args.lr_grid)
 
 
-def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
-    """Search each arm's learning rate (seed 0, validation), then run the matrix at the chosen rates."""
+def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Search each arm's learning rate (seed 0, validation), then run the matrix at the chosen rates; return the
+    number of cells left without a result (a deadline's; 0 when the matrix is complete)."""
     scale = scales.SCALES[args.scale]
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -382,9 +246,10 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
                 print(f"{cell.run_id}: speclora fit {shlex.join(cell.args)}")
             for key, why in plan.skipped.items():
                 print(f"{key}: {why}")
-        return out
+        return 0
     start, load = time.perf_counter(), os.getloadavg()[0]
     todo = len(pending(searched, out, args.retry_failed))
+    deadline = None if args.deadline is None else Deadline(args.deadline, out)
     several = isolation != "inline" and jobs > 1  # tokenise before several runs at once would each do it
     if several:
         warm_cache(Plan(searched, tuple(suite), (), {}) if searched else matrix(), configs, scale, backbone,
@@ -394,9 +259,13 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
         pool = stack.enter_context(CellPool(jobs, out / POOL_LOGS, threads)) if isolation == "pool" else None
         run_kw = dict(isolation=isolation, jobs=jobs, threads=threads, conflict_batches=scale.conflict_batches,
                       retry_failed=args.retry_failed, keep_checkpoints=args.keep_checkpoints,
-                      timeout=args.run_timeout, progress=lambda s: print(s, flush=True), pool=pool)
+                      timeout=args.run_timeout, progress=lambda s: print(s, flush=True), pool=pool,
+                      deadline=deadline)
         if searched:
             run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
+            if deadline is not None and pending(searched, out):  # the matrix's rates are not chosen yet
+                print(deadline.summary(), flush=True)
+                return len(pending(searched, out))
         plan = matrix()
         for arm, choice in plan.lr_choice.items():
             print(f"learning rate of {arm}: {search.fmt_lr(choice['lr'])} {choice['note']}".rstrip(), flush=True)
@@ -418,7 +287,9 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> Path:
     (out / META).write_text(json.dumps(meta, indent=1))
     path = report(out, args.update_doc)
     print(f"tables: {path}", flush=True)
-    return path
+    if deadline is not None and deadline.deferred:
+        print(deadline.summary(), flush=True)
+    return len(pending(plan.cells, out))
 
 
 def wall_time(seconds: float, ran: int, load: tuple[float, float]) -> dict[str, Any]:
@@ -437,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return importlib.import_module(f"speclora.bench.{argv[0]}").main(argv[1:], prog=f"speclora-bench {argv[0]}")
     args = _parser().parse_args(argv)
     if args.command == "quality":
-        quality(args, argv)
+        if quality(args, argv) and args.deadline is not None:
+            return INCOMPLETE  # cells left for the next invocation of the same command
     else:
         print(f"tables: {report(args.out.resolve(), args.update_doc)}")
     return 0

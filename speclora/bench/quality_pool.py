@@ -288,6 +288,7 @@ class CellPool:
         self._live: set[_Worker] = set()
         self.started: list[int] = []  # pids of every worker started, in order
         self.startup_seconds: list[float] = []  # each worker's start-up, as it reported it
+        self.stopped = False  # terminate() was called: no cell starts any more
 
     def _start(self) -> _Worker:
         env = dict(os.environ)
@@ -322,7 +323,9 @@ class CellPool:
         why = None
         try:
             if worker is None or worker.proc.poll() is not None:
-                worker = self._start()
+                worker = None if self.stopped else self._start()
+            if self.stopped:  # by terminate(), before this cell was handed over
+                raise WorkerGone("the pool was stopped before the cell started")
             worker.send({"run_dir": str(run_dir)})
             worker.answer(timeout)
         except TimeoutError:
@@ -362,8 +365,10 @@ class CellPool:
             self._idle.put(None)
 
     def terminate(self) -> None:
-        """Kill every worker now, busy or not (an interrupted matrix): their cells fail, as with ``process``."""
+        """Kill every worker now, busy or not (an interrupted matrix, a deadline): their cells fail, as with
+        ``process``, and no cell starts after this."""
         with self._lock:
+            self.stopped = True
             live = list(self._live)
         for worker in live:
             self._kill(worker)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from speclora.bench import quality
+from speclora.bench import quality, quality_run
 from speclora.bench.isolation import differences
 from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import (
@@ -111,7 +111,7 @@ def test_resume_skips_finished_runs(smoke, monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished run was run again")
 
-    monkeypatch.setattr(quality, "run_cell", must_not_run)
+    monkeypatch.setattr(quality_run, "run_cell", must_not_run)  # where the runner calls it
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
     assert "learning-rate search: 8 cells, 8 already done, 0 to run" in printed

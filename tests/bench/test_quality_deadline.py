@@ -1,0 +1,195 @@
+"""--deadline (speclora.bench.quality_deadline): a matrix run in slices that end on time and lose no finished cell.
+
+The estimates are tested on a clock of the test's own; the stopping with quick stand-in cells in a pool
+(tests/bench/pool_cells.py); the whole command with two smoke cells, inline."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from speclora.bench import quality
+from speclora.bench.quality_deadline import INCOMPLETE, INTERRUPTED, SLACK, START_UP, Deadline, cost
+from speclora.bench.quality_pool import CellPool
+from speclora.bench.quality_scales import Cell, Plan
+from speclora.bench.quality_worker import write_cell_spec, write_result
+
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = "tests.bench.pool_cells:run"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _cell(arm: str, seed: int = 0, group: str = "main", tasks: tuple[str, ...] = ("rte", "stsb"),
+          steps: int | None = None) -> Cell:
+    return Cell(group, arm, seed, tasks, (), None, steps)
+
+
+def _finished(out: Path, cell: Cell, fit: float, status: str = "ok") -> None:
+    run = out / "runs" / cell.run_id
+    run.mkdir(parents=True)
+    write_cell_spec(run, cell, None, 4, False)
+    write_result(run, {"run_id": cell.run_id, "status": status, "fit_seconds": fit, "test_seconds": 5.0})
+
+
+def test_a_cell_starts_only_when_its_estimate_fits_in_the_time_left(tmp_path):
+    _finished(tmp_path, _cell("shared"), fit=100.0)
+    _finished(tmp_path, _cell("nash_mtl", steps=400), fit=300.0)
+    _finished(tmp_path, _cell("famo"), fit=900.0, status="failed")  # a failed run says nothing of the cost
+    clock = Clock()
+    deadline = Deadline(500, tmp_path, clock=clock)
+    expected = (100.0 + 5.0 + START_UP) * SLACK
+    # the same arm, group and budget; else the same group and budget (the longest of them); else unknown
+    assert deadline.estimate(_cell("shared", seed=2)) == pytest.approx(expected)
+    assert deadline.estimate(_cell("cagrad")) == pytest.approx(expected)
+    assert deadline.estimate(_cell("famo")) == pytest.approx(expected)
+    assert deadline.estimate(_cell("shared", steps=400)) == pytest.approx((300.0 + 5.0 + START_UP) * SLACK)
+    # the runner's own wall time, where the result has it, is the cost
+    assert cost({"status": "ok", "fit_seconds": 100.0, "test_seconds": 5.0, "wall_seconds": 140.0}) == 140.0
+    assert deadline.estimate(_cell("single", group="single", tasks=("rte",))) is None
+    assert deadline.may_start(_cell("shared", seed=1))
+    clock.now += 500 - expected + 1  # a second less than the cell needs
+    assert not deadline.may_start(_cell("shared", seed=1))
+    assert "needs about 144 s" in deadline.deferred["main__shared__suite__seed1"]
+    # never measured: it starts while at least half the deadline is left, not after
+    assert not deadline.may_start(_cell("single", group="single", tasks=("rte",)))
+    assert "not measured yet" in deadline.deferred["single__single__rte__seed0"]
+    assert Deadline(500, tmp_path, clock=Clock()).may_start(_cell("single", group="single", tasks=("rte",)))
+
+
+def test_a_cell_longer_than_the_whole_deadline_is_not_started_again_and_says_why(tmp_path):
+    _finished(tmp_path, _cell("full_ft"), fit=600.0)
+    deadline = Deadline(500, tmp_path, clock=Clock())
+    assert not deadline.may_start(_cell("full_ft", seed=1))
+    why = deadline.deferred["main__full_ft__suite__seed1"]
+    assert "more than the whole --deadline 500 s" in why and "fewer --jobs" in why
+    assert "main__full_ft__suite__seed1" in deadline.summary()
+
+
+def test_a_cell_stopped_by_the_deadline_keeps_no_result_and_its_time_is_a_lower_bound(tmp_path):
+    clock = Clock()
+    deadline = Deadline(100, tmp_path, clock=clock)
+    cell, other = _cell("shared"), _cell("unolora_star")
+    for c in (cell, other):
+        (tmp_path / "runs" / c.run_id).mkdir(parents=True)
+        write_cell_spec(tmp_path / "runs" / c.run_id, c, None, 4, False)
+    # a failure before the deadline is the cell's own: its result stays
+    failed = {"run_id": other.run_id, "status": "failed", "error": "RuntimeError: boom"}
+    write_result(tmp_path / "runs" / other.run_id, failed)
+    assert deadline.finished(other, tmp_path / "runs" / other.run_id, failed, 10.0) == failed
+    assert (tmp_path / "runs" / other.run_id / "result.json").is_file()
+    # killed at the deadline: no result.json (the next invocation runs it), interrupted.json says how long
+    clock.now += 100
+    killed = {"run_id": cell.run_id, "status": "failed", "error": "the pool worker exited with code -9"}
+    write_result(tmp_path / "runs" / cell.run_id, killed)
+    row = deadline.finished(cell, tmp_path / "runs" / cell.run_id, killed, 80.0)
+    assert row["status"] == "interrupted" and "stopped at the --deadline of 100 s after 80 s" in row["error"]
+    assert not (tmp_path / "runs" / cell.run_id / "result.json").exists()
+    assert json.loads((tmp_path / "runs" / cell.run_id / INTERRUPTED).read_text())["seconds"] == 80.0
+    assert quality.pending([cell, other], tmp_path) == [cell]
+    # the next invocation knows the cell takes at least 80 s
+    assert Deadline(100, tmp_path).estimate(_cell("shared", seed=1)) == pytest.approx(80.0 * SLACK)
+
+
+def test_a_non_positive_deadline_is_refused():
+    with pytest.raises(ValueError, match="--deadline=0.0: expected a number of seconds > 0"):
+        Deadline(0.0, Path("."))
+
+
+def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    cells = (_cell("sleep"), _cell("ok"), _cell("ok", seed=1))
+    plan = Plan(cells, ("rte", "stsb"), (), {})
+    lines: list[str] = []
+    start = time.monotonic()
+    with CellPool(2, tmp_path / "pool", runner=RUNNER, warm=()) as pool:
+        rows = quality.run_plan(plan, tmp_path, isolation="pool", jobs=2, pool=pool, progress=lines.append,
+                                deadline=Deadline(6.0, tmp_path))
+    took = time.monotonic() - start
+    assert took < 60, took  # the sleeping cell (120 s) was stopped, not waited for
+    by_id = {r["run_id"]: r for r in rows}
+    # the sleeper started (nothing measured, the whole deadline left) and was stopped: no result, and a lower
+    # bound of its cost for the next invocation
+    sleeper = tmp_path / "runs" / "main__sleep__suite__seed0"
+    assert by_id["main__sleep__suite__seed0"]["status"] == "missing" and (sleeper / INTERRUPTED).is_file()
+    assert json.loads((sleeper / INTERRUPTED).read_text())["seconds"] >= 5.0
+    assert any("main__sleep__suite__seed0: interrupted" in line for line in lines)
+    # the quick cells ran beside it (the second once the first had measured their cost), their wall time kept
+    assert by_id["main__ok__suite__seed0"]["status"] == by_id["main__ok__suite__seed1"]["status"] == "ok"
+    assert 0 < by_id["main__ok__suite__seed1"]["wall_seconds"] < 6.0
+    assert quality.pending(cells, tmp_path) == [cells[0]]
+    assert Deadline(60.0, tmp_path).estimate(_cell("sleep", seed=3)) >= 5.0 * SLACK
+    assert Deadline(60.0, tmp_path).estimate(_cell("ok", seed=3)) == pytest.approx(
+        by_id["main__ok__suite__seed0"]["wall_seconds"] * SLACK)
+
+
+def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_path, data_root, tiny_backbone):
+    out = tmp_path / "slices"
+    argv = ["quality", "--scale", "smoke", "--out", str(out), "--methods", "independent", "--seeds", "2",
+            "--tasks", "rte", "--no-single", "--no-fewshot", "--one-task", "", "--lr-grid", "none",
+            "--isolation", "inline", "--backbone", tiny_backbone, "--data-dir", str(data_root),
+            "--cache-dir", str(tmp_path / "cache")]
+    # one second: the first cell starts (nothing measured, the whole deadline left) and cannot be stopped
+    # inline; the second's measured cost does not fit in what is left
+    assert quality.main([*argv, "--deadline", "1"]) == INCOMPLETE
+    done = [p.parent.name for p in out.glob("runs/*/result.json")]
+    assert done == ["main__independent__suite__seed0"]
+    assert "1 ok, 0 failed, 1 not run" in (out / "results.md").read_text()  # a partial report, marked so
+    assert quality.main(argv) == 0  # the same command again: only the cell left runs
+    assert sorted(p.parent.name for p in out.glob("runs/*/result.json")) == [
+        "main__independent__suite__seed0", "main__independent__suite__seed1"]
+    assert "2 ok, 0 failed, 0 not run" in (out / "results.md").read_text()
+
+
+def test_the_device_scripts_run_slices_from_the_ledger_and_collect_them(tmp_path, data_root, tiny_backbone):
+    """.ci/gpu-matrix (a slice, on the device) and .ci/gpu-collect (back here), on the smoke scale."""
+    import subprocess
+
+    ledger = tmp_path / "ledger"
+    env = {**os.environ, "SCALE": "smoke", "DEADLINE": "120", "LEDGER": str(ledger), "SPECLORA_DATA": str(data_root),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    args = ["--methods", "independent", "--seeds", "2", "--tasks", "rte", "--no-single", "--no-fewshot",
+            "--one-task", "", "--lr-grid", "none", "--isolation", "inline", "--backbone", tiny_backbone,
+            "--cache-dir", str(tmp_path / "cache")]
+    first = subprocess.run(["bash", str(REPO / ".ci/gpu-matrix"), *args], env={**env, "OUT": str(tmp_path / "a")},
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    slice_dir = tmp_path / "a" / "quality"
+    assert len(list(slice_dir.glob("runs/*/result.json"))) == 2 and not list(slice_dir.rglob("lightning_logs"))
+    # collect into a ledger in a copy of the project's layout (the script writes results/<scale>/<what>)
+    project = tmp_path / "project"
+    (project / ".ci").mkdir(parents=True)
+    (project / ".ci" / "gpu-collect").write_bytes((REPO / ".ci" / "gpu-collect").read_bytes())
+    done = subprocess.run(["bash", str(project / ".ci" / "gpu-collect"), str(tmp_path / "a"), "smoke"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    kept = project / "results" / "smoke" / "quality"
+    assert "2 runs copied, 2 finished in all" in done.stdout
+    assert sorted(p.name for p in (kept / "runs" / "main__independent__suite__seed1").iterdir()) == [
+        "cell.json", "result.json"]  # results only: no run.log, no lightning logs, no checkpoints
+    assert "2 ok, 0 failed, 0 not run" in (kept / "results.md").read_text()  # tables redrawn from the ledger
+    # the next slice starts from the ledger: nothing left to run
+    again = subprocess.run(["bash", str(REPO / ".ci/gpu-matrix"), *args],
+                           env={**env, "LEDGER": str(kept), "OUT": str(tmp_path / "b")},
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "ledger" in again.stdout and ": 2 finished cells" in again.stdout
+    assert "2 already done, 0 to run" in (tmp_path / "b" / "slice.log").read_text()
+
+
+def test_the_budget_probe_runs_in_slices_too(tmp_path, data_root):
+    out = tmp_path / "budget"
+    argv = ["budget", "--scale", "smoke", "--out", str(out), "--steps", "10,20", "--methods", "independent",
+            "--tasks", "rte", "--data-dir", str(data_root), "--cache-dir", str(tmp_path / "cache")]
+    assert quality.main([*argv, "--deadline", "1"]) == INCOMPLETE  # one cell (inline) and then the time is up
+    assert len(list(out.glob("runs/*/result.json"))) == 1
+    assert quality.main(argv) == 0 and json.loads((out / "budget.json").read_text())["complete"]
