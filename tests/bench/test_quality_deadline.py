@@ -154,36 +154,67 @@ def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_pat
 def test_the_device_scripts_run_slices_from_the_ledger_and_collect_them(tmp_path, data_root, tiny_backbone):
     """.ci/gpu-matrix (a slice, on the device) and .ci/gpu-collect (back here), on the smoke scale."""
     import subprocess
+    import tarfile
 
-    ledger = tmp_path / "ledger"
+    project = tmp_path / "project"  # .ci/gpu-collect writes results/<scale>/<what> of its own checkout
+    (project / ".ci").mkdir(parents=True)
+    (project / ".ci" / "gpu-collect").write_bytes((REPO / ".ci" / "gpu-collect").read_bytes())
+    ledger = project / "results" / "smoke" / "quality"
     env = {**os.environ, "SCALE": "smoke", "DEADLINE": "120", "LEDGER": str(ledger), "SPECLORA_DATA": str(data_root),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     args = ["--methods", "independent", "--seeds", "2", "--tasks", "rte", "--no-single", "--no-fewshot",
             "--one-task", "", "--lr-grid", "none", "--isolation", "inline", "--backbone", tiny_backbone,
             "--cache-dir", str(tmp_path / "cache")]
-    first = subprocess.run(["bash", str(REPO / ".ci/gpu-matrix"), *args], env={**env, "OUT": str(tmp_path / "a")},
-                           capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stdout + first.stderr
-    slice_dir = tmp_path / "a" / "quality"
-    assert len(list(slice_dir.glob("runs/*/result.json"))) == 2 and not list(slice_dir.rglob("lightning_logs"))
-    # collect into a ledger in a copy of the project's layout (the script writes results/<scale>/<what>)
-    project = tmp_path / "project"
-    (project / ".ci").mkdir(parents=True)
-    (project / ".ci" / "gpu-collect").write_bytes((REPO / ".ci" / "gpu-collect").read_bytes())
-    done = subprocess.run(["bash", str(project / ".ci" / "gpu-collect"), str(tmp_path / "a"), "smoke"], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    kept = project / "results" / "smoke" / "quality"
-    assert "2 runs copied, 2 finished in all" in done.stdout
-    assert sorted(p.name for p in (kept / "runs" / "main__independent__suite__seed1").iterdir()) == [
-        "cell.json", "result.json"]  # results only: no run.log, no lightning logs, no checkpoints
-    assert "2 ok, 0 failed, 0 not run" in (kept / "results.md").read_text()  # tables redrawn from the ledger
-    # the next slice starts from the ledger: nothing left to run
-    again = subprocess.run(["bash", str(REPO / ".ci/gpu-matrix"), *args],
-                           env={**env, "LEDGER": str(kept), "OUT": str(tmp_path / "b")},
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "ledger" in again.stdout and ": 2 finished cells" in again.stdout
-    assert "2 already done, 0 to run" in (tmp_path / "b" / "slice.log").read_text()
+
+    def run(script: Path, *more: str, **extra: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(["bash", str(script), *more], env={**env, **extra}, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    # a first slice with one seed, collected; then the full matrix, which runs only the other seed
+    run(REPO / ".ci/gpu-matrix", *args[:3], "1", *args[4:], OUT=str(tmp_path / "a"))
+    assert not list((tmp_path / "a" / "quality").rglob("lightning_logs"))  # results come back, not logs
+    first = run(project / ".ci" / "gpu-collect", str(tmp_path / "a"), "smoke")
+    assert "1 runs of the slice copied; finished runs 0 -> 1" in first.stdout
+    run(REPO / ".ci/gpu-matrix", *args, OUT=str(tmp_path / "b"))
+    assert "1 already done, 1 to run" in (tmp_path / "b" / "slice.log").read_text()
+    # only what this slice ran comes back, not the ledger's runs again
+    assert [p.name for p in (tmp_path / "b" / "quality" / "runs").iterdir()] == ["main__independent__suite__seed1"]
+    second = run(project / ".ci" / "gpu-collect", str(tmp_path / "b"), "smoke")
+    assert "finished runs 1 -> 2" in second.stdout
+    with tarfile.open(ledger / "runs.tar.xz") as tar:  # results only: no run.log, logs or checkpoints
+        names = sorted(tar.getnames())
+    assert names == [f"runs/main__independent__suite__seed{s}/{f}" for s in (0, 1) for f in ("cell.json", "result.json")]
+    assert "2 ok, 0 failed, 0 not run" in (ledger / "results.md").read_text()  # redrawn from the whole ledger
+    assert (ledger / "plan.json").is_file() and (ledger / "meta.json").is_file()
+    # a third slice finds nothing to run
+    run(REPO / ".ci/gpu-matrix", *args, OUT=str(tmp_path / "c"))
+    assert "2 already done, 0 to run" in (tmp_path / "c" / "slice.log").read_text()
+
+
+def test_a_collected_run_replaces_the_ledgers_and_the_archive_is_reproducible(tmp_path):
+    from speclora.bench import ledger as led
+
+    slice_dir, book = tmp_path / "slice", tmp_path / "ledger"
+    cell = _cell("shared")
+    (slice_dir / "runs" / cell.run_id).mkdir(parents=True)
+    write_cell_spec(slice_dir / "runs" / cell.run_id, cell, None, 4, False)
+    (slice_dir / "runs" / cell.run_id / INTERRUPTED).write_text(json.dumps({"seconds": 80.0}))
+    (slice_dir / "runs" / cell.run_id / "run.log").write_text("not kept")
+    assert led.collect(slice_dir, book) == {"copied": 1, "finished_before": 0, "finished": 0}
+    # the next slice finished it: its result replaces the interrupted note
+    (slice_dir / "runs" / cell.run_id / INTERRUPTED).unlink()
+    write_result(slice_dir / "runs" / cell.run_id, {"run_id": cell.run_id, "status": "ok"})
+    assert led.collect(slice_dir, book)["finished"] == 1
+    back = tmp_path / "back"
+    assert led.unpack(book, back) == 1
+    assert sorted(p.name for p in (back / "runs" / cell.run_id).iterdir()) == ["cell.json", "result.json"]
+    archive = (book / "runs.tar.xz").read_bytes()
+    led.pack(back, book / "runs.tar.xz")
+    assert (book / "runs.tar.xz").read_bytes() == archive  # the same runs, the same bytes
+    with pytest.raises(FileNotFoundError, match="expected the folder a slice ran in"):
+        led.collect(tmp_path / "nothing", book)
 
 
 def test_the_budget_probe_runs_in_slices_too(tmp_path, data_root):
