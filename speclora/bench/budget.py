@@ -162,8 +162,8 @@ def budget_cells(scale: scales.Scale, arms: Sequence[str], steps: Sequence[int],
     overlay = scale.overlay(make.configs)
     own, validations = scale_budget(overlay)
     cells = []
-    for arm in arms:
-        for b in steps:
+    for b in steps:  # the shortest budget first: a slice (--deadline) measures it before it starts the longer ones
+        for arm in arms:
             for seed in range(seeds):
                 cell = make.cell("main", arm, seed, list(suite), overlay, rates.get(arm))
                 cell = dataclasses.replace(cell, args=cell.args + tuple(sets))
@@ -337,12 +337,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     plan = scales.Plan(tuple(cells), tuple(suite), (), {})
     if isolation != "inline" and jobs > 1:
         quality.warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
-    deadline = None if args.deadline is None else Deadline(args.deadline, out)
+    own, validations = scale_budget(scale.overlay(configs))
+    deadline = None if args.deadline is None else Deadline(args.deadline, out, steps_of=lambda c: c.steps or own)
     rows = quality.run_plan(plan, out, isolation=isolation, jobs=jobs, threads=threads,
                             conflict_batches=scale.conflict_batches, timeout=args.run_timeout,
                             retry_failed=args.retry_failed, progress=lambda s: print(s, flush=True),
                             what="budget probe", deadline=deadline)
-    own, validations = scale_budget(scale.overlay(configs))
     summary = summarise(cells, {r["run_id"]: r for r in rows}, own, args.tol)
     meta = {"scale": scale.name, "command": f"{prog} {shlex.join(argv)}", "machine": quality.machine(),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "seeds": args.seeds,

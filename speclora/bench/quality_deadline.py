@@ -5,9 +5,10 @@ by the same command again and again, each time with the finished cells of the la
 ``result.json`` is skipped). Under a deadline the runner
 
 - starts no cell that its estimate says would not end in time: the longest finished run of the same arm,
-  group and budget in this folder, else of the same group and budget (its wall time as the runner saw it,
-  ``wall_seconds``; for a run from before that field, ``fit + test`` seconds and a start-up allowance),
-  else, never measured, it starts while at least half the deadline is left;
+  group and budget in this folder (its wall time as the runner saw it, ``wall_seconds``; for a run from
+  before that field, ``fit + test`` seconds and a start-up allowance), else the same arm's highest cost per
+  training step at another budget times the cell's steps, else the same two for its group; never measured,
+  it starts while at least half the deadline is left;
 - stops the cells still running when the time is up (process and pool isolation; an inline cell cannot be
   stopped and only delays the end). Such a cell writes no result: its folder gets ``interrupted.json`` (how
   long it ran, a lower bound of its cost the next estimate uses) and the next invocation runs it again;
@@ -48,6 +49,21 @@ def _kinds(cell: Cell) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return (cell.arm, *coarse), coarse
 
 
+def _per_step_kinds(cell: Cell) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The kinds whose cost per training step carries over to another budget (a budget probe's cells are the
+    matrix's ``main`` cells at other steps)."""
+    group = "main" if cell.group == "budget" else cell.group
+    return ("per step", cell.arm, group, len(cell.tasks)), ("per step", group, len(cell.tasks))
+
+
+def steps_in(overlay: Path) -> int | None:
+    """``trainer.max_steps`` of a config overlay (None if it sets none)."""
+    import yaml
+
+    steps = ((yaml.safe_load(Path(overlay).read_text()) or {}).get("trainer") or {}).get("max_steps")
+    return int(steps) if isinstance(steps, int) and steps > 0 else None
+
+
 class Deadline:
     """The time an invocation has, and the cost of the cells measured so far (in ``out``).
 
@@ -56,13 +72,17 @@ class Deadline:
         out: the matrix folder, whose runs (``runs/<run id>/``: ``cell.json`` with ``result.json`` or
             ``interrupted.json``) estimate the cost of the cells still to run.
         clock: seconds, monotonic (a test passes its own).
+        steps_of: a cell's training steps (default: ``cell.steps``, set for a budget probe's other budgets):
+            a kind not measured yet at this budget is estimated from its cost per step at another.
     """
 
-    def __init__(self, seconds: float, out: Path, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, seconds: float, out: Path, clock: Callable[[], float] = time.monotonic,
+                 steps_of: Callable[[Cell], int | None] | None = None) -> None:
         if not seconds > 0:
             raise ValueError(f"--deadline={seconds}: expected a number of seconds > 0")
         self.seconds = float(seconds)
         self.clock = clock
+        self.steps_of = steps_of or (lambda cell: cell.steps)
         self.end = clock() + self.seconds
         self.expired = threading.Event()
         self.costs: dict[tuple[Any, ...], float] = {}
@@ -75,9 +95,13 @@ class Deadline:
         return self.end - self.clock()
 
     def _note(self, cell: Cell, seconds: float) -> None:
+        steps = self.steps_of(cell)
         with self._lock:
             for kind in _kinds(cell):
                 self.costs[kind] = max(self.costs.get(kind, 0.0), seconds)
+            if steps:
+                for kind in _per_step_kinds(cell):
+                    self.costs[kind] = max(self.costs.get(kind, 0.0), seconds / steps)
 
     def _read(self, run: Path) -> None:
         """The cost of a run of an earlier invocation: ``cell.json`` says what it was, ``result.json`` (ok) or
@@ -94,10 +118,15 @@ class Deadline:
 
     def estimate(self, cell: Cell) -> float | None:
         """Seconds the cell is expected to take (None: nothing like it has run yet)."""
-        fine, coarse = _kinds(cell)
-        with self._lock:
-            seconds = self.costs.get(fine, self.costs.get(coarse))
-        return None if seconds is None else seconds * SLACK
+        steps = self.steps_of(cell)
+        (fine, coarse), (fine_rate, coarse_rate) = _kinds(cell), _per_step_kinds(cell)
+        with self._lock:  # the arm's own cost first (methods differ several-fold), then its group's
+            for kind, rate in ((fine, fine_rate), (coarse, coarse_rate)):
+                if kind in self.costs:
+                    return self.costs[kind] * SLACK
+                if steps and rate in self.costs:
+                    return self.costs[rate] * steps * SLACK
+        return None
 
     def may_start(self, cell: Cell) -> bool:
         """Whether the cell should start now; if not, why is kept in :attr:`deferred`."""

@@ -67,6 +67,21 @@ def test_a_cell_starts_only_when_its_estimate_fits_in_the_time_left(tmp_path):
     assert Deadline(500, tmp_path, clock=Clock()).may_start(_cell("single", group="single", tasks=("rte",)))
 
 
+def test_a_budget_not_measured_yet_is_estimated_from_the_cost_per_step_at_another(tmp_path):
+    _finished(tmp_path, _cell("shared", group="budget", steps=1500), fit=150.0 - 5.0 - START_UP)  # 150 s
+    _finished(tmp_path, _cell("cagrad"), fit=600.0 - 5.0 - START_UP)  # the scale's own budget, 3,000 steps
+    deadline = Deadline(500, tmp_path, clock=Clock(), steps_of=lambda c: c.steps or 3000)
+    # the same arm at another budget (0.1 s a step) before another arm at this budget (cagrad, 0.2 s a step)
+    assert deadline.estimate(_cell("shared", group="budget", steps=6000)) == pytest.approx(600.0 * SLACK)
+    assert deadline.estimate(_cell("shared")) == pytest.approx(300.0 * SLACK)  # main, 3,000 steps
+    # an arm never measured: its group at this budget, else the group's highest cost per step
+    assert deadline.estimate(_cell("famo")) == pytest.approx(600.0 * SLACK)
+    assert deadline.estimate(_cell("famo", group="budget", steps=6000)) == pytest.approx(1200.0 * SLACK)
+    assert not deadline.may_start(_cell("famo", group="budget", steps=6000))  # more than the whole 500 s
+    # without steps (the default reads cell.steps only) a main cell of shared is its group's cost at that budget
+    assert Deadline(500, tmp_path).estimate(_cell("shared")) == pytest.approx(600.0 * SLACK)
+
+
 def test_a_cell_longer_than_the_whole_deadline_is_not_started_again_and_says_why(tmp_path):
     _finished(tmp_path, _cell("full_ft"), fit=600.0)
     deadline = Deadline(500, tmp_path, clock=Clock())
