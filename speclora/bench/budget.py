@@ -338,7 +338,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     if isolation != "inline" and jobs > 1:
         quality.warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
     own, validations = scale_budget(scale.overlay(configs))
-    deadline = None if args.deadline is None else Deadline(args.deadline, out, steps_of=lambda c: c.steps or own)
+    deadline = None if args.deadline is None else Deadline(args.deadline, out, steps_of=lambda c: c.steps or own,
+                                                           jobs=jobs)
     rows = quality.run_plan(plan, out, isolation=isolation, jobs=jobs, threads=threads,
                             conflict_batches=scale.conflict_batches, timeout=args.run_timeout,
                             retry_failed=args.retry_failed, progress=lambda s: print(s, flush=True),

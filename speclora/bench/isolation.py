@@ -29,7 +29,7 @@ from speclora.bench import quality_scales as scales
 from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_worker import RESULT, SPECTRAL_FILE
 
-NOT_COMPARED = ("started", "finished", "fit_seconds", "test_seconds", "wall_seconds", "peak_rss_mib", "peak_cuda_mib", "traceback")
+NOT_COMPARED = ("started", "finished", "fit_seconds", "test_seconds", "wall_seconds", "jobs", "peak_rss_mib", "peak_cuda_mib", "traceback")
 
 
 def comparable(result: dict[str, Any], out: Path) -> dict[str, Any]:

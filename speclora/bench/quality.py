@@ -251,7 +251,8 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
     todo = len(pending(searched, out, args.retry_failed))
     main_steps, few_steps = steps_in(scale.overlay(configs)), steps_in(scale.overlay(configs, True))
     deadline = None if args.deadline is None else Deadline(
-        args.deadline, out, steps_of=lambda c: c.steps or (few_steps if c.group.startswith("fewshot") else main_steps))
+        args.deadline, out, steps_of=lambda c: c.steps or (few_steps if c.group.startswith("fewshot") else main_steps),
+        jobs=jobs)
     several = isolation != "inline" and jobs > 1  # tokenise before several runs at once would each do it
     if several:
         warm_cache(Plan(searched, tuple(suite), (), {}) if searched else matrix(), configs, scale, backbone,

@@ -13,7 +13,8 @@ by the same command again and again, each time with the finished cells of the la
   stopped and only delays the end). Such a cell writes no result: its folder gets ``interrupted.json`` (how
   long it ran, a lower bound of its cost the next estimate uses) and the next invocation runs it again;
 - leaves a cell whose estimate exceeds the whole deadline unstarted, and says so (a longer deadline or
-  fewer ``--jobs`` is needed), rather than start it again and again in vain.
+  fewer ``--jobs`` is needed), rather than start it again and again in vain. A cost measured with more cells
+  at once than now is scaled by the ratio (fewer runs share the GPU or the cores), never scaled up.
 
 What is lost to a deadline is the partial work of at most ``--jobs`` cells.
 """
@@ -74,15 +75,17 @@ class Deadline:
         clock: seconds, monotonic (a test passes its own).
         steps_of: a cell's training steps (default: ``cell.steps``, set for a budget probe's other budgets):
             a kind not measured yet at this budget is estimated from its cost per step at another.
+        jobs: cells run at once now (a cost measured with more at once is scaled down by the ratio).
     """
 
     def __init__(self, seconds: float, out: Path, clock: Callable[[], float] = time.monotonic,
-                 steps_of: Callable[[Cell], int | None] | None = None) -> None:
+                 steps_of: Callable[[Cell], int | None] | None = None, jobs: int = 1) -> None:
         if not seconds > 0:
             raise ValueError(f"--deadline={seconds}: expected a number of seconds > 0")
         self.seconds = float(seconds)
         self.clock = clock
         self.steps_of = steps_of or (lambda cell: cell.steps)
+        self.jobs = jobs
         self.end = clock() + self.seconds
         self.expired = threading.Event()
         self.costs: dict[tuple[Any, ...], float] = {}
@@ -94,7 +97,9 @@ class Deadline:
     def left(self) -> float:
         return self.end - self.clock()
 
-    def _note(self, cell: Cell, seconds: float) -> None:
+    def _note(self, cell: Cell, seconds: float, jobs: int | None = None) -> None:
+        if jobs and jobs > self.jobs:  # measured while more cells shared the machine
+            seconds *= self.jobs / jobs
         steps = self.steps_of(cell)
         with self._lock:
             for kind in _kinds(cell):
@@ -112,9 +117,10 @@ class Deadline:
         if (run / RESULT).is_file():
             data = json.loads((run / RESULT).read_text())
             if data.get("status") == "ok":
-                self._note(cell, cost(data))
+                self._note(cell, cost(data), data.get("jobs"))
         elif (run / INTERRUPTED).is_file():
-            self._note(cell, float(json.loads((run / INTERRUPTED).read_text()).get("seconds") or 0.0))
+            note = json.loads((run / INTERRUPTED).read_text())
+            self._note(cell, float(note.get("seconds") or 0.0), note.get("jobs"))
 
     def estimate(self, cell: Cell) -> float | None:
         """Seconds the cell is expected to take (None: nothing like it has run yet)."""
@@ -153,8 +159,8 @@ class Deadline:
         if not (self.expired.is_set() or self.left() <= 0):
             return result  # it failed on its own: that result stays
         (run_dir / RESULT).unlink(missing_ok=True)
-        note = {"seconds": seconds, "why": f"stopped at the --deadline of {self.seconds:g} s after {seconds:.0f} s",
-                "error": result.get("error")}
+        note = {"seconds": seconds, "jobs": self.jobs, "error": result.get("error"),
+                "why": f"stopped at the --deadline of {self.seconds:g} s after {seconds:.0f} s"}
         (run_dir / INTERRUPTED).write_text(json.dumps(note, indent=1))
         self._note(cell, seconds)
         with self._lock:

@@ -128,8 +128,8 @@ def run_plan(
             limit = timeout if deadline is None else min(timeout or float("inf"), max(deadline.left(), 1.0))
             result = _run_process(cell, run_dir, threads, conflict_batches, keep_checkpoints, limit)
         seconds = time.perf_counter() - start
-        if (run_dir / RESULT).is_file() and "wall_seconds" not in result:  # the cell's cost, start-up included
-            result = {**result, "wall_seconds": seconds}
+        if (run_dir / RESULT).is_file() and "wall_seconds" not in result:  # the cell's cost, start-up included,
+            result = {**result, "wall_seconds": seconds, "jobs": jobs}  # with this many cells at once
             write_result(run_dir, result)
         if deadline is not None:
             result = deadline.finished(cell, run_dir, result, seconds)

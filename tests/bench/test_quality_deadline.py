@@ -82,6 +82,19 @@ def test_a_budget_not_measured_yet_is_estimated_from_the_cost_per_step_at_anothe
     assert Deadline(500, tmp_path).estimate(_cell("shared")) == pytest.approx(600.0 * SLACK)
 
 
+def test_a_cost_measured_with_more_cells_at_once_is_scaled_down_to_the_jobs_of_now(tmp_path):
+    run = tmp_path / "runs" / _cell("shared").run_id
+    run.mkdir(parents=True)
+    write_cell_spec(run, _cell("shared"), None, 4, False)
+    write_result(run, {"status": "ok", "wall_seconds": 600.0, "jobs": 6})
+    assert Deadline(500, tmp_path, jobs=6).estimate(_cell("shared", 1)) == pytest.approx(600.0 * SLACK)
+    assert Deadline(500, tmp_path, jobs=2).estimate(_cell("shared", 1)) == pytest.approx(200.0 * SLACK)
+    assert Deadline(500, tmp_path, jobs=12).estimate(_cell("shared", 1)) == pytest.approx(600.0 * SLACK)  # never up
+    # the remedy the refusal names works: with 6 at once the cell cannot fit, with 2 it starts
+    assert not Deadline(500, tmp_path, jobs=6).may_start(_cell("shared", 1))
+    assert Deadline(500, tmp_path, jobs=2).may_start(_cell("shared", 1))
+
+
 def test_a_cell_longer_than_the_whole_deadline_is_not_started_again_and_says_why(tmp_path):
     _finished(tmp_path, _cell("full_ft"), fit=600.0)
     deadline = Deadline(500, tmp_path, clock=Clock())
@@ -129,7 +142,7 @@ def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_pat
     start = time.monotonic()
     with CellPool(2, tmp_path / "pool", runner=RUNNER, warm=()) as pool:
         rows = quality.run_plan(plan, tmp_path, isolation="pool", jobs=2, pool=pool, progress=lines.append,
-                                deadline=Deadline(6.0, tmp_path))
+                                deadline=Deadline(6.0, tmp_path, jobs=2))
     took = time.monotonic() - start
     assert took < 60, took  # the sleeping cell (120 s) was stopped, not waited for
     by_id = {r["run_id"]: r for r in rows}
@@ -138,13 +151,14 @@ def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_pat
     sleeper = tmp_path / "runs" / "main__sleep__suite__seed0"
     assert by_id["main__sleep__suite__seed0"]["status"] == "missing" and (sleeper / INTERRUPTED).is_file()
     assert json.loads((sleeper / INTERRUPTED).read_text())["seconds"] >= 5.0
+    assert json.loads((sleeper / INTERRUPTED).read_text())["jobs"] == 2
     assert any("main__sleep__suite__seed0: interrupted" in line for line in lines)
     # the quick cells ran beside it (the second once the first had measured their cost), their wall time kept
     assert by_id["main__ok__suite__seed0"]["status"] == by_id["main__ok__suite__seed1"]["status"] == "ok"
-    assert 0 < by_id["main__ok__suite__seed1"]["wall_seconds"] < 6.0
+    assert 0 < by_id["main__ok__suite__seed1"]["wall_seconds"] < 6.0 and by_id["main__ok__suite__seed1"]["jobs"] == 2
     assert quality.pending(cells, tmp_path) == [cells[0]]
-    assert Deadline(60.0, tmp_path).estimate(_cell("sleep", seed=3)) >= 5.0 * SLACK
-    assert Deadline(60.0, tmp_path).estimate(_cell("ok", seed=3)) == pytest.approx(
+    assert Deadline(60.0, tmp_path, jobs=2).estimate(_cell("sleep", seed=3)) >= 5.0 * SLACK
+    assert Deadline(60.0, tmp_path, jobs=2).estimate(_cell("ok", seed=3)) == pytest.approx(
         by_id["main__ok__suite__seed0"]["wall_seconds"] * SLACK)
 
 
