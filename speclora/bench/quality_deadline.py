@@ -136,14 +136,14 @@ class Deadline:
 
     def may_start(self, cell: Cell) -> bool:
         """Whether the cell should start now; if not, why is kept in :attr:`deferred`."""
-        left, cost = self.left(), self.estimate(cell)
-        if cost is not None and cost > self.seconds:
-            why = (f"needs about {cost:.0f} s, more than the whole --deadline {self.seconds:.0f} s: give a longer "
+        left, need = self.left(), self.estimate(cell)
+        if need is not None and need > self.seconds:
+            why = (f"needs about {need:.0f} s, more than the whole --deadline {self.seconds:.0f} s: give a longer "
                    "deadline or fewer --jobs")
-        elif cost is None and left < self.seconds / 2:
+        elif need is None and left < self.seconds / 2:
             why = f"its cost is not measured yet and only {max(left, 0):.0f} s of the deadline are left"
-        elif cost is not None and cost > left:
-            why = f"needs about {cost:.0f} s, {max(left, 0):.0f} s of the deadline are left"
+        elif need is not None and need > left:
+            why = f"needs about {need:.0f} s, {max(left, 0):.0f} s of the deadline are left"
         else:
             return True
         with self._lock:
