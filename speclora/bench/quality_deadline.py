@@ -6,9 +6,9 @@ by the same command again and again, each time with the finished cells of the la
 
 - starts no cell that its estimate says would not end in time: the longest finished run of the same arm,
   group and budget in this folder (its wall time as the runner saw it, ``wall_seconds``; for a run from
-  before that field, ``fit + test`` seconds and a start-up allowance), else the same arm's highest cost per
-  training step at another budget times the cell's steps, else the same two for its group; never measured,
-  it starts while at least half the deadline is left;
+  before that field, ``fit + test`` seconds and a start-up allowance), else the same arm's cost per training
+  step at the longest other budget measured times the cell's steps, else the same two for its group; never
+  measured, it starts while at least half the deadline is left;
 - stops the cells still running when the time is up (process and pool isolation; an inline cell cannot be
   stopped and only delays the end). Such a cell writes no result: its folder gets ``interrupted.json`` (how
   long it ran, a lower bound of its cost the next estimate uses) and the next invocation runs it again;
@@ -88,7 +88,8 @@ class Deadline:
         self.jobs = jobs
         self.end = clock() + self.seconds
         self.expired = threading.Event()
-        self.costs: dict[tuple[Any, ...], float] = {}
+        self.costs: dict[tuple[Any, ...], float] = {}  # kind -> the longest run's seconds
+        self.rates: dict[tuple[Any, ...], tuple[int, float]] = {}  # kind -> (budget, seconds per step) at its longest
         self.deferred: dict[str, str] = {}  # run id -> why it did not start or end
         self._lock = threading.Lock()
         for run in sorted(Path(out).glob("runs/*/")):
@@ -104,9 +105,9 @@ class Deadline:
         with self._lock:
             for kind in _kinds(cell):
                 self.costs[kind] = max(self.costs.get(kind, 0.0), seconds)
-            if steps:
+            if steps:  # the rate of the longest budget measured: a short run's start-up and test weigh more per step
                 for kind in _per_step_kinds(cell):
-                    self.costs[kind] = max(self.costs.get(kind, 0.0), seconds / steps)
+                    self.rates[kind] = max(self.rates.get(kind, (0, 0.0)), (steps, seconds / steps))
 
     def _read(self, run: Path) -> None:
         """The cost of a run of an earlier invocation: ``cell.json`` says what it was, ``result.json`` (ok) or
@@ -130,8 +131,8 @@ class Deadline:
             for kind, rate in ((fine, fine_rate), (coarse, coarse_rate)):
                 if kind in self.costs:
                     return self.costs[kind] * SLACK
-                if steps and rate in self.costs:
-                    return self.costs[rate] * steps * SLACK
+                if steps and rate in self.rates:
+                    return self.rates[rate][1] * steps * SLACK
         return None
 
     def may_start(self, cell: Cell) -> bool:

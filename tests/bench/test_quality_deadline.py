@@ -78,6 +78,11 @@ def test_a_budget_not_measured_yet_is_estimated_from_the_cost_per_step_at_anothe
     assert deadline.estimate(_cell("famo")) == pytest.approx(600.0 * SLACK)
     assert deadline.estimate(_cell("famo", group="budget", steps=6000)) == pytest.approx(1200.0 * SLACK)
     assert not deadline.may_start(_cell("famo", group="budget", steps=6000))  # more than the whole 500 s
+    # measured at two budgets: the longer one's rate (a short run's start-up and test weigh more per step)
+    _finished(tmp_path, _cell("ortho", group="budget", steps=200), fit=60.0 - 5.0 - START_UP)  # 0.3 s a step
+    _finished(tmp_path, _cell("ortho", group="budget", steps=800), fit=120.0 - 5.0 - START_UP)  # 0.15 s a step
+    again = Deadline(500, tmp_path, clock=Clock(), steps_of=lambda c: c.steps or 3000)
+    assert again.estimate(_cell("ortho", group="budget", steps=1600)) == pytest.approx(240.0 * SLACK)
     # without steps (the default reads cell.steps only) a main cell of shared is its group's cost at that budget
     assert Deadline(500, tmp_path).estimate(_cell("shared")) == pytest.approx(600.0 * SLACK)
 
