@@ -41,8 +41,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from speclora.bench import name_and_positive, quality
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
@@ -57,16 +55,6 @@ SETS = "set.json"  # the --set options an output folder was run with
 OWN = {"trainer.max_steps": "--steps", "trainer.val_check_interval": "--steps", "model.optim.lr": "--rate",
        "seed_everything": "--seeds", "model.lora.init_seed": "--seeds", "data.tasks": "--tasks",
        "model.backbone": "--backbone", "trainer.default_root_dir": "--out"}
-
-
-def scale_budget(overlay: Path) -> tuple[int, int]:
-    """(max_steps, validations per run) of a scale overlay."""
-    trainer = (yaml.safe_load(overlay.read_text()) or {}).get("trainer") or {}
-    steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
-    if not isinstance(steps, int) or not isinstance(every, int) or steps < 1 or every < 1:
-        raise ValueError(f"{overlay}: trainer.max_steps and trainer.val_check_interval must be positive integers "
-                         f"(a step count), got {steps!r} and {every!r}")
-    return steps, max(1, steps // every)
 
 
 def val_interval(steps: int, validations: int) -> int:
@@ -160,7 +148,7 @@ def budget_cells(scale: scales.Scale, arms: Sequence[str], steps: Sequence[int],
     """One cell per arm × budget × seed; at the scale's own budget the quality matrix's ``main`` cell itself
     (``sets``: ``speclora fit`` arguments added to every cell)."""
     overlay = scale.overlay(make.configs)
-    own, validations = scale_budget(overlay)
+    own, validations = scales.scale_budget(overlay)
     cells = []
     for b in steps:  # the shortest budget first: a slice (--deadline) measures it before it starts the longer ones
         for arm in arms:
@@ -337,7 +325,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "speclora-bench budget")
     plan = scales.Plan(tuple(cells), tuple(suite), (), {})
     if isolation != "inline" and jobs > 1:
         quality.warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
-    own, validations = scale_budget(scale.overlay(configs))
+    own, validations = scales.scale_budget(scale.overlay(configs))
     deadline = None if args.deadline is None else Deadline(args.deadline, out, steps_of=lambda c: c.steps or own,
                                                            jobs=jobs)
     rows = quality.run_plan(plan, out, isolation=isolation, jobs=jobs, threads=threads,

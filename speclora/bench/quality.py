@@ -38,9 +38,9 @@ from typing import Any
 
 from speclora.bench import quality_scales as scales
 from speclora.bench import quality_search as search
-from speclora.bench.quality_deadline import INCOMPLETE, Deadline, steps_in
+from speclora.bench.quality_deadline import INCOMPLETE, Deadline
 from speclora.bench.quality_pool import CellPool
-from speclora.bench.quality_run import (  # noqa: F401  (run_plan, pending: this module's API since it had them)
+from speclora.bench.quality_run import (
     ISOLATIONS,
     POOL_LOGS,
     collect_rows,
@@ -249,10 +249,11 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     start, load = time.perf_counter(), os.getloadavg()[0]
     todo = len(pending(searched, out, args.retry_failed))
-    main_steps, few_steps = steps_in(scale.overlay(configs)), steps_in(scale.overlay(configs, True))
-    deadline = None if args.deadline is None else Deadline(
-        args.deadline, out, steps_of=lambda c: c.steps or (few_steps if c.group.startswith("fewshot") else main_steps),
-        jobs=jobs)
+    deadline = None
+    if args.deadline is not None:  # a cell's steps: its own (a budget probe's), else its overlay's
+        steps = {few: scales.scale_budget(scale.overlay(configs, few))[0] for few in (False, True)}
+        deadline = Deadline(args.deadline, out, steps_of=lambda c: c.steps or steps[c.group.startswith("fewshot")],
+                            jobs=jobs)
     several = isolation != "inline" and jobs > 1  # tokenise before several runs at once would each do it
     if several:
         warm_cache(Plan(searched, tuple(suite), (), {}) if searched else matrix(), configs, scale, backbone,

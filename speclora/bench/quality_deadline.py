@@ -57,14 +57,6 @@ def _per_step_kinds(cell: Cell) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return ("per step", cell.arm, group, len(cell.tasks)), ("per step", group, len(cell.tasks))
 
 
-def steps_in(overlay: Path) -> int | None:
-    """``trainer.max_steps`` of a config overlay (None if it sets none)."""
-    import yaml
-
-    steps = ((yaml.safe_load(Path(overlay).read_text()) or {}).get("trainer") or {}).get("max_steps")
-    return int(steps) if isinstance(steps, int) and steps > 0 else None
-
-
 class Deadline:
     """The time an invocation has, and the cost of the cells measured so far (in ``out``).
 

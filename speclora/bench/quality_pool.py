@@ -295,6 +295,8 @@ class CellPool:
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         with self._lock:
+            if self.stopped:
+                raise WorkerGone("the pool was stopped before the cell started")
             worker = _Worker(self.cmd, env, self.log_dir / f"worker-{len(self.started)}.log")
             self.started.append(worker.pid)
             self._live.add(worker)
@@ -322,10 +324,10 @@ class CellPool:
         write_cell_spec(run_dir, cell, threads, conflict_batches, keep_checkpoints)
         why = None
         try:
-            if worker is None or worker.proc.poll() is not None:
-                worker = None if self.stopped else self._start()
-            if self.stopped:  # by terminate(), before this cell was handed over
+            if self.stopped:  # terminate() was called (a deadline): no cell starts any more
                 raise WorkerGone("the pool was stopped before the cell started")
+            if worker is None or worker.proc.poll() is not None:
+                worker = self._start()  # refuses, too, if terminate() comes first
             worker.send({"run_dir": str(run_dir)})
             worker.answer(timeout)
         except TimeoutError:

@@ -185,6 +185,16 @@ def suite_tasks(overlay: Path) -> list[str]:
     return [get_task(t).name for t in tasks]
 
 
+def scale_budget(overlay: Path) -> tuple[int, int]:
+    """(max_steps, validations per run) of a scale overlay."""
+    trainer = (yaml.safe_load(overlay.read_text()) or {}).get("trainer") or {}
+    steps, every = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if not isinstance(steps, int) or not isinstance(every, int) or steps < 1 or every < 1:
+        raise ValueError(f"{overlay}: trainer.max_steps and trainer.val_check_interval must be positive integers "
+                         f"(a step count), got {steps!r} and {every!r}")
+    return steps, max(1, steps // every)
+
+
 def fewshot_subset(task: str, seed_index: int) -> str:
     """The published subset a run of seed index i trains on: LM-BFF seed i (mod 5), or FewGLUE (only one)."""
     subsets = get_task(task).subsets
