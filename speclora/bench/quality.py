@@ -1,7 +1,7 @@
 """``speclora-bench quality``: the seed paper's comparison (Tables 5, 6, 7), measured in one command.
 
     speclora-bench quality --scale smoke --out runs/bench-smoke            # CI: tiny random encoder, minutes
-    speclora-bench quality --scale cpu --out runs/bench-cpu                # default backbone, ~1 h on 2 cores
+    speclora-bench quality --scale cpu --out runs/bench-cpu                # default backbone, ~9 h on 2 cores
     speclora-bench quality --scale gpu --out runs/bench-gpu                # full offline suite, one GPU
     speclora-bench quality --scale smoke --methods independent,speclora --seeds 2 --out DIR
     speclora-bench report --out DIR                                        # redraw tables and figures
