@@ -7,6 +7,7 @@ import math
 import pytest
 
 from speclora.bench import quality_stats as qs
+from speclora.bench.quality_scales import REPO_CONFIGS, scale_budget
 
 
 def _row(group, arm, seed, scores, average=None, status="ok", curves=None):
@@ -99,6 +100,17 @@ def test_tail_change_over_the_last_fifth():
     t = qs.tail([10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0], [0, 0, 0, 0, 0, 0, 0, 70.0, 72.0, 71.0])
     assert t.n == 3 and t.change == pytest.approx(2.0) and t.rise == pytest.approx(1.0) and t.flat is False
 
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_the_measuring_scales_validate_often_enough_to_tell_a_flat_tail(scale):
+    # the report's convergence column ("flat (<= 1 point)") needs validations in the last fifth; the cpu and
+    # gpu overlays promise three, and their last validation at the last step
+    steps, validations = scale_budget(REPO_CONFIGS / "bench" / f"{scale}.yaml")
+    every = steps // validations
+    assert steps % every == 0, f"{scale}.yaml: max_steps {steps} is not a multiple of val_check_interval {every}"
+    t = qs.tail([float(s) for s in range(every, steps + 1, every)], [70.0] * validations)
+    assert t.n >= 3 and t.flat is True
 
 def test_matrix_wall_time_is_the_union_of_the_runs_intervals():
     def run(a, b):
