@@ -123,6 +123,7 @@ class AdaLoRA(Method):
     """
 
     name: ClassVar[str] = "adalora"
+    one_adapter = True
 
     def __init__(
         self,
@@ -165,12 +166,6 @@ class AdaLoRA(Method):
         self._scheduled = False  # total_step known (on_fit_start or set_total_step)
 
     # ------------------------------------------------------------------ construction
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0
-
     def ranks(self, lora_r: int) -> tuple[int, int]:
         """(init_r, target_r) given ``model.lora.r``."""
         target_r = self.target_r if self.target_r is not None else lora_r

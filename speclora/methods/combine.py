@@ -34,7 +34,6 @@ from speclora.methods.task_grads import (
 from speclora.methods.weighting import cagrad_coefficients, conflict_share, nash_coefficients
 from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import lora_modules
-from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -46,6 +45,8 @@ class GradientCombination(TaskGradientMethod):
 
     name: ClassVar[str] = "gradient_combination"
     base: ClassVar[bool] = True  # a shared base, no method of its own (model.method lists only CAGrad, NashMTL)
+    needs_tasks: ClassVar[str | None] = "combines the gradients of several tasks"
+    one_adapter = True
 
     def coefficients(self, gram: np.ndarray, scale: float) -> np.ndarray | None:
         """(S,) β from the (S, S) Gram matrix of the (loss-scaled by ``scale``) task gradients; None: keep the
@@ -57,19 +58,6 @@ class GradientCombination(TaskGradientMethod):
         return combined
 
     # ------------------------------------------------------------------ construction
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0
-
-    def check(self, specs: list[TaskSpec]) -> None:
-        if len(specs) < 2:
-            raise ValueError(
-                f"model.method={type(self).__name__} combines the gradients of several tasks but data.tasks has "
-                f"{len(specs)}: {[s.name for s in specs]}; give two or more tasks, or use method Single"
-            )
-
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         adapted = super().build(inputs)
         params, layers = [], [layer for _, layer in lora_modules(adapted.encoder)]

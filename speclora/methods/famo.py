@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from speclora.methods.base import Method
 from speclora.methods.weighting import adam_update, famo_logit_grad, famo_weights
 from speclora.model.adapted import AdaptedEncoder, BuildInputs
-from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -81,6 +80,7 @@ class FAMO(Method):
     """
 
     name: ClassVar[str] = "famo"
+    needs_tasks: ClassVar[str | None] = "weighs tasks against each other"
 
     def __init__(self, adapters: Literal["per_task", "shared"] = "per_task", lr: float = 0.025, gamma: float = 0.01,
                  eps: float = 1e-8) -> None:
@@ -98,16 +98,9 @@ class FAMO(Method):
         self.eps = float(eps)
 
     # ------------------------------------------------------------------ construction
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1 if self.adapters == "shared" else num_tasks
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0 if self.adapters == "shared" else task_index
-
-    def check(self, specs: list[TaskSpec]) -> None:
-        if len(specs) < 2:
-            raise ValueError(f"model.method=FAMO weighs tasks against each other but data.tasks has {len(specs)}: "
-                             f"{[s.name for s in specs]}; give two or more tasks, or use method Single")
+    @property
+    def one_adapter(self) -> bool:  # a property, not an attribute: hparams() lists public attributes as arguments
+        return self.adapters == "shared"
 
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         if inputs.loss_weights != "uniform":

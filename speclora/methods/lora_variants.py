@@ -31,9 +31,5 @@ class Shared(Method):
     """One LoRA adapter shared by every task, with per-task heads (UnoLoRA; the seed paper's "MTLoRA")."""
 
     name: ClassVar[str] = "shared"
+    one_adapter = True
 
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 from speclora.methods.base import Method
 from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import LoRASlot, lora_modules
-from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -97,6 +96,7 @@ class MTLLoRA(Method):
     """
 
     name: ClassVar[str] = "mtl_lora"
+    needs_tasks: ClassVar[str | None] = "shares adapters between tasks"
 
     def __init__(self, num_up: int = 3, temperature: float = 0.1, diagonal: bool = False) -> None:
         if not isinstance(num_up, int) or isinstance(num_up, bool) or num_up < 1:
@@ -108,11 +108,6 @@ class MTLLoRA(Method):
         self.diagonal = bool(diagonal)
 
     # ------------------------------------------------------------------ construction
-    def check(self, specs: list[TaskSpec]) -> None:
-        if len(specs) < 2:
-            raise ValueError(f"model.method=MTLLoRA shares adapters between tasks but data.tasks has {len(specs)}: "
-                             f"{[s.name for s in specs]}; give two or more tasks, or use method Single")
-
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         adapted = super().build(inputs)  # T stacked adapters per layer: the gather path, and storage for the export
         layers = [layer for _, layer in lora_modules(adapted.encoder)]

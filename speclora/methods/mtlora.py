@@ -54,7 +54,6 @@ from speclora.methods.mtlora_layers import (
 )
 from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import AdapterRouter, LoRASlot, MultiTaskLoRA, matches_target
-from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -91,6 +90,7 @@ class MTLoRA(Method):
     """
 
     name: ClassVar[str] = "mtlora"
+    needs_tasks: ClassVar[str | None] = "couples several tasks"
 
     def __init__(
         self,
@@ -138,13 +138,6 @@ class MTLoRA(Method):
         self.routing_group_size = routing_group_size
 
     # ------------------------------------------------------------------ construction
-    def check(self, specs: list[TaskSpec]) -> None:
-        if len(specs) < 2:
-            raise ValueError(
-                f"model.method=MTLoRA couples several tasks but data.tasks has {len(specs)}: "
-                f"{[s.name for s in specs]}; give two or more, or use method Single"
-            )
-
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         """Wrap the block output modules (or target linears) of ``inputs.encoder`` with :class:`SpectralTaskLoRA`."""
         cfg, T = inputs.lora, inputs.num_tasks

@@ -32,7 +32,6 @@ from speclora.methods.task_grads import (
 from speclora.metrics import conflict_rate
 from speclora.model.adapted import AdaptedEncoder, BuildInputs
 from speclora.model.lora import lora_modules
-from speclora.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from speclora.model.module import SpecLoRAModule
@@ -171,6 +170,8 @@ class Ortho(TaskGradientMethod):
     """
 
     name: ClassVar[str] = "ortho"
+    needs_tasks: ClassVar[str | None] = "projects conflicting gradients between tasks"
+    one_adapter = True
 
     def __init__(self, blocks: Literal["ab", "all", "matrix"] = "ab", order: Literal["random", "fixed"] = "random",
                  seed: int = 0, task_grads: Literal["rows", "backward"] = "rows") -> None:
@@ -184,19 +185,6 @@ class Ortho(TaskGradientMethod):
         self.task_grads = check_task_grads(task_grads)
 
     # ------------------------------------------------------------------ construction
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0
-
-    def check(self, specs: list[TaskSpec]) -> None:
-        if len(specs) < 2:
-            raise ValueError(
-                f"model.method=Ortho projects conflicting gradients between tasks but data.tasks has "
-                f"{len(specs)}: {[s.name for s in specs]}; give two or more tasks, or use method Single"
-            )
-
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         adapted = super().build(inputs)
         params, kinds, layers = [], [], [layer for _, layer in lora_modules(adapted.encoder)]

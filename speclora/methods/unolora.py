@@ -151,6 +151,7 @@ class UnoLoRAStar(Method):
     """
 
     name: ClassVar[str] = "unolora_star"
+    one_adapter = True
 
     def __init__(
         self,
@@ -176,12 +177,6 @@ class UnoLoRAStar(Method):
         self.init_std = float(init_std)
 
     # ------------------------------------------------------------------ construction
-    def num_adapters(self, num_tasks: int) -> int:
-        return 1
-
-    def adapter_of_task(self, task_index: int) -> int:
-        return 0
-
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         if inputs.lora.targets is None:  # the paper's query and value, unless the run names its targets
             inputs = replace(inputs, targets=query_value_targets(inputs.encoder.config.model_type))

@@ -50,14 +50,24 @@ class Method:
     name: ClassVar[str] = "independent"
     # why the adapted encoder cannot run under model.compile (speclora.model.compile); None: it can
     compile_unsupported: ClassVar[str | None] = None
+    # what the method does between tasks ("weighs tasks against each other"), naming why :meth:`check` refuses
+    # fewer than two; None: one task is fine
+    needs_tasks: ClassVar[str | None] = None
+    # one adapter per layer that every task trains: ``num_adapters`` 1 and every task's adapter is slot 0
+    one_adapter: bool = False
 
     # ------------------------------------------------------------------ construction
     def num_adapters(self, num_tasks: int) -> int:
         """How many adapters each LoRA layer stacks."""
-        return num_tasks
+        return 1 if self.one_adapter else num_tasks
 
     def check(self, specs: list[TaskSpec]) -> None:
         """Refuse task lists the method cannot train (raise ValueError naming the problem)."""
+        if self.needs_tasks is not None and len(specs) < 2:
+            raise ValueError(
+                f"model.method={type(self).__name__} {self.needs_tasks} but data.tasks has {len(specs)}: "
+                f"{[s.name for s in specs]}; give two or more tasks, or use method Single"
+            )
 
     def build(self, inputs: BuildInputs) -> AdaptedEncoder:
         """The frozen ``inputs.encoder`` adapted in place: ``num_adapters`` stacked LoRAs on every target."""
@@ -97,7 +107,7 @@ class Method:
     # ------------------------------------------------------------------ export
     def adapter_of_task(self, task_index: int) -> int:
         """Which stacked adapter holds a task's LoRA (for export)."""
-        return task_index
+        return 0 if self.one_adapter else task_index
 
     def export(self, module: SpecLoRAModule, out_dir: Path) -> list[Path]:
         """Write each task's adapter; the default is the peft format (speclora.model.peft_io)."""
