@@ -109,6 +109,9 @@ def run_plan(
     todo = pending(plan.cells, out, retry_failed)
     progress(f"{what}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
              f"{len(todo)} to run ({isolation}, {jobs} at a time)")
+    if deadline is not None and isolation == "inline" and todo:
+        progress("--deadline with --isolation inline: a cell running at the deadline is not stopped (it runs in "
+                 "this process), only later cells are kept from starting; --isolation process or pool stops it")
 
     def one(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell

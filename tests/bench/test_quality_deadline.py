@@ -167,7 +167,8 @@ def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_pat
         by_id["main__ok__suite__seed0"]["wall_seconds"] * SLACK)
 
 
-def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_path, data_root, tiny_backbone):
+def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_path, data_root, tiny_backbone,
+                                                                         capsys):
     out = tmp_path / "slices"
     argv = ["quality", "--scale", "smoke", "--out", str(out), "--methods", "independent", "--seeds", "2",
             "--tasks", "rte", "--no-single", "--no-fewshot", "--one-task", "", "--lr-grid", "none",
@@ -176,6 +177,7 @@ def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_pat
     # one second: the first cell starts (nothing measured, the whole deadline left) and cannot be stopped
     # inline; the second's measured cost does not fit in what is left
     assert quality.main([*argv, "--deadline", "1"]) == INCOMPLETE
+    assert "--isolation inline: a cell running at the deadline is not stopped" in capsys.readouterr().out
     done = [p.parent.name for p in out.glob("runs/*/result.json")]
     assert done == ["main__independent__suite__seed0"]
     assert "1 ok, 0 failed, 1 not run" in (out / "results.md").read_text()  # a partial report, marked so
