@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import CAGrad, NashMTL
 from speclora.methods.task_grads import mean_over_ranks, replace_batch_gradient
 from speclora.methods.weighting import (
@@ -148,19 +146,6 @@ def test_single_process_sync_is_the_identity_and_replacement_keeps_accumulated_g
 
 
 # ---------------------------------------------------------------- the module
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "token_cache"
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_backbone, data_root, cache):
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
-                             batch_size=16, cache_dir=str(cache), mixing="equal")
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
 def _module(tiny_backbone: str, method) -> SpecLoRAModule:
     torch.manual_seed(6)
     module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=method).eval()  # no dropout

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import FAMO
 from speclora.methods.famo import FAMOState, global_task_losses
 from speclora.methods.weighting import adam_update, famo_logit_grad, famo_weights, masked_softmax
@@ -115,19 +113,6 @@ def test_refuses_one_task_and_size_weights(tiny_backbone):
 
 
 # ---------------------------------------------------------------- the module
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "token_cache"
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_backbone, data_root, cache):
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
-                             batch_size=16, cache_dir=str(cache), mixing="equal")
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
 @pytest.mark.parametrize("adapters", ["per_task", "shared"])
 def test_a_step_minimises_the_famo_weighted_loss_and_the_next_updates_the_logits(tiny_backbone, batch, adapters):
     torch.manual_seed(0)

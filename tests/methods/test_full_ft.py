@@ -41,12 +41,6 @@ def test_lora_options_are_refused(tiny_backbone):
 
 # ---------------------------------------------------------------- one optimiser step through a Trainer
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One tokenised-data cache for the file (the CLI tests reuse what the first test tokenised)."""
-    return tmp_path_factory.getbasetemp() / "token_cache"
-
-
-@pytest.fixture(scope="module")
 def datamodule(tiny_backbone, data_root, cache):
     return MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
                                batch_size=16, cache_dir=str(cache), mixing="equal",

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from speclora.data.datamodule import MultiTaskDataModule
 from speclora.methods import task_grads as task_grads_module
 from speclora.methods.ortho import (
     Ortho,
@@ -127,20 +126,6 @@ def test_single_process_sync_is_the_identity():
 
 
 # ---------------------------------------------------------------- the module
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    """One tokenised-data cache for the file (the CLI test reuses what the batch fixture tokenised)."""
-    return tmp_path_factory.getbasetemp() / "token_cache"
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_backbone, data_root, cache):
-    dm = MultiTaskDataModule(tasks=TASKS, data_dir=str(data_root), tokenizer=tiny_backbone, max_length=48,
-                             batch_size=16, cache_dir=str(cache), mixing="equal")
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
-
-
 def _ortho_module(tiny_backbone: str, task_grads: str = "rows") -> SpecLoRAModule:
     torch.manual_seed(6)  # heads that make A and B both conflict; and independent of which tests ran before
     method = Ortho(order="fixed", task_grads=task_grads)
