@@ -38,7 +38,6 @@ import os
 import platform
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import traceback
@@ -48,7 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from speclora.bench import name_and_positive
+from speclora.bench import code_commit, name_and_positive
 
 REPO = Path(__file__).resolve().parents[2]
 SCALES = ("full", "tiny")
@@ -165,11 +164,7 @@ def versions() -> dict[str, str]:
             out[name] = importlib.import_module(name).__version__
         except ImportError:
             out[name] = "not installed"
-    try:
-        out["speclora commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                                                capture_output=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        out["speclora commit"] = "unknown"
+    out["speclora commit"] = code_commit(REPO)
     return out
 
 

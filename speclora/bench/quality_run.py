@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from speclora.bench import code_commit
 from speclora.bench.quality_deadline import Deadline
 from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import Cell, Plan
@@ -113,6 +114,8 @@ def run_plan(
         progress("--deadline with --isolation inline: a cell running at the deadline is not stopped (it runs in "
                  "this process), only later cells are kept from starting; --isolation process or pool stops it")
 
+    commit = code_commit()  # the code these cells run, kept with each result (a matrix may span commits)
+
     def one(i_cell: tuple[int, Cell]) -> None:
         i, cell = i_cell
         if deadline is not None and not deadline.may_start(cell):
@@ -132,7 +135,7 @@ def run_plan(
             result = _run_process(cell, run_dir, threads, conflict_batches, keep_checkpoints, limit)
         seconds = time.perf_counter() - start
         if (run_dir / RESULT).is_file() and "wall_seconds" not in result:  # the cell's cost, start-up included,
-            result = {**result, "wall_seconds": seconds, "jobs": jobs}  # with this many cells at once
+            result = {**result, "wall_seconds": seconds, "jobs": jobs, "commit": commit}  # this many cells at once
             write_result(run_dir, result)
         if deadline is not None:
             result = deadline.finished(cell, run_dir, result, seconds)

@@ -293,3 +293,15 @@ def busy_seconds(rows: Iterable[Row]) -> tuple[float, int]:
             total += (b - end).total_seconds()
             end = b
     return total, len(spans)
+
+
+def commits(rows: Iterable[Row]) -> str:
+    """The code the runs ran (``commit`` of result.json, speclora.bench.code_commit), each with its count of
+    runs, in the order they first ran: "461450f (30 runs), 90e97ed+changes (2 runs)"; runs from before the
+    field as "not recorded"."""
+    done = sorted((r for r in rows if r.get("status") in ("ok", "failed")), key=lambda r: str(r.get("started")))
+    counts: dict[str, int] = {}
+    for r in done:
+        key = r.get("commit") or "not recorded"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{c} ({n} run{'s' * (n != 1)})" for c, n in counts.items()) or "no runs"

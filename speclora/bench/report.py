@@ -48,7 +48,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
     fields = ["run_id", "role", "group", "method", "seed", "lr", "tasks", "status", "error", *[f"score_{t}" for t in tasks],
               "average", "val_best", "tested_checkpoint", "trainable_params", "encoder_side_params", "steps",
               "fit_seconds", "seconds_per_step", "test_seconds", "peak_rss_mib", "peak_cuda_mib", "device",
-              "conflict_rate", "conflict_mean_cos", "conflict_trainable_rate", "steps_to_95"]
+              "conflict_rate", "conflict_mean_cos", "conflict_trainable_rate", "steps_to_95", "commit"]
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -67,7 +67,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> None:
                 "encoder_side_params": params.get("encoder_side"), "steps": steps, "fit_seconds": fit,
                 "seconds_per_step": fit / steps if fit and steps else None, "test_seconds": r.get("test_seconds"),
                 "peak_rss_mib": r.get("peak_rss_mib"), "peak_cuda_mib": r.get("peak_cuda_mib"),
-                "device": r.get("device"), "conflict_rate": conflict.get("rate"),
+                "device": r.get("device"), "commit": r.get("commit"), "conflict_rate": conflict.get("rate"),
                 "conflict_mean_cos": conflict.get("mean_cos"), "conflict_trainable_rate": conflict.get("trainable_rate"),
                 "steps_to_95": qs.steps_to_fraction((r.get("curves") or {}).get("val/average")) if r.get("status") == "ok" else None,
             }
@@ -376,7 +376,7 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
             f"{counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; run time summed over runs "
             f"(fit + test) {run_time:.1f} min",
             f"- matrix wall time: {_wall(everything)} (the time during which at least one of its runs was running, "
-            f"over every invocation); the last invocation: {_invocation(meta)}"]
+            f"over every invocation); the last invocation: {_invocation(meta)}", f"- code: {qs.commits(everything)}"]
     for key, why in plan.get("skipped", {}).items():
         out.append(f"- {key}: {why}")
     if plan.get("lr_choice"):

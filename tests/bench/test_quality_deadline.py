@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from speclora.bench import quality
+from speclora.bench import COMMIT_ENV, code_commit, quality
 from speclora.bench.quality_deadline import INCOMPLETE, INTERRUPTED, SLACK, START_UP, Deadline, cost
 from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import Cell, Plan
@@ -161,6 +162,7 @@ def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_pat
     # the quick cells ran beside it (the second once the first had measured their cost), their wall time kept
     assert by_id["main__ok__suite__seed0"]["status"] == by_id["main__ok__suite__seed1"]["status"] == "ok"
     assert 0 < by_id["main__ok__suite__seed1"]["wall_seconds"] < 6.0 and by_id["main__ok__suite__seed1"]["jobs"] == 2
+    assert by_id["main__ok__suite__seed1"]["commit"] == code_commit()  # the code it ran
     assert quality.pending(cells, tmp_path) == [cells[0]]
     assert Deadline(60.0, tmp_path, jobs=2).estimate(_cell("sleep", seed=3)) >= 5.0 * SLACK
     assert Deadline(60.0, tmp_path, jobs=2).estimate(_cell("ok", seed=3)) == pytest.approx(
@@ -260,3 +262,26 @@ def test_the_budget_probe_runs_in_slices_too(tmp_path, data_root):
     assert quality.main([*argv, "--deadline", "1"]) == INCOMPLETE  # one cell (inline) and then the time is up
     assert len(list(out.glob("runs/*/result.json"))) == 1
     assert quality.main(argv) == 0 and json.loads((out / "budget.json").read_text())["complete"]
+
+
+def test_the_code_a_run_ran_is_its_commit_or_the_one_stamped_where_there_is_no_git(tmp_path, monkeypatch):
+    monkeypatch.delenv(COMMIT_ENV, raising=False)
+    assert code_commit(tmp_path) == "unknown"  # no git checkout, nothing stamped
+    (tmp_path / ".gpu").mkdir()
+    (tmp_path / ".gpu" / "commit").write_text("abc1234\n")  # what .ci/gpu-pack writes into the copy that travels
+    assert code_commit(tmp_path) == "abc1234"
+    monkeypatch.setenv(COMMIT_ENV, "def5678")
+    assert code_commit(tmp_path) == "def5678"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, text=True, capture_output=True).stdout
+    assert code_commit(repo) == head.strip()  # a checkout's own commit comes before any stamp
+    (repo / "g.py").write_text("untracked\n")
+    assert code_commit(repo) == head.strip()  # untracked files are no change of the code that ran
+    (repo / "f.py").write_text("a = 2\n")
+    assert code_commit(repo) == head.strip() + "+changes"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from speclora.bench import quality, quality_run
+from speclora.bench import code_commit, quality, quality_run
 from speclora.bench.isolation import differences
 from speclora.bench.quality_pool import CellPool
 from speclora.bench.quality_scales import (
@@ -54,6 +54,7 @@ def test_the_smoke_matrix_writes_every_table(smoke):
         assert float(r["trainable_params"]) > 0 and float(r["fit_seconds"]) > 0 and float(r["peak_rss_mib"]) > 0
         assert r["conflict_rate"] != "" or r["group"] != "main"
     doc = (out / "results.md").read_text()
+    assert f"- code: {code_commit()} (16 runs)" in doc  # the code every run ran, kept in its result.json
     for title in ("Table 5", "Table 6", "Convergence", "Table 7", "Single-task case", "Significance", "Learning rates",
                   "smoke run on a tiny random encoder", "Mean validation average (over seeds) at each validation step"):
         assert title in doc

@@ -112,6 +112,7 @@ def test_the_measuring_scales_validate_often_enough_to_tell_a_flat_tail(scale):
     t = qs.tail([float(s) for s in range(every, steps + 1, every)], [70.0] * validations)
     assert t.n >= 3 and t.flat is True
 
+
 def test_matrix_wall_time_is_the_union_of_the_runs_intervals():
     def run(a, b):
         return {"started": f"2026-01-01T10:{a:02d}:00+00:00", "finished": f"2026-01-01T10:{b:02d}:00+00:00"}
@@ -120,3 +121,14 @@ def test_matrix_wall_time_is_the_union_of_the_runs_intervals():
     rows = [run(0, 10), run(5, 12), run(20, 25), run(21, 22), {"status": "missing"}]
     assert qs.busy_seconds(rows) == (17 * 60.0, 4)
     assert qs.busy_seconds([]) == (0.0, 0)
+
+
+def test_the_code_of_the_runs_is_counted_per_commit_in_the_order_they_ran():
+    def run(commit, minute, status="ok"):
+        row = {"status": status, "started": f"2026-01-01T10:{minute:02d}:00+00:00"}
+        return {**row, "commit": commit} if commit else row
+
+    rows = [run("bbb2222", 30), run(None, 1), run("aaa1111", 10), run("aaa1111", 11, "failed"),
+            run("bbb2222+changes", 40), run("ccc", 50, "missing")]
+    assert qs.commits(rows) == "not recorded (1 run), aaa1111 (2 runs), bbb2222 (1 run), bbb2222+changes (1 run)"
+    assert qs.commits([{"status": "missing"}]) == "no runs"
