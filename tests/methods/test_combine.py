@@ -19,6 +19,7 @@ from speclora.methods.weighting import (
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
 from tests.cli_args import fit_args
+from tests.methods.modules import conflicting_module
 
 TASKS = ["rte", "stsb", "copa"]
 
@@ -147,14 +148,7 @@ def test_single_process_sync_is_the_identity_and_replacement_keeps_accumulated_g
 
 # ---------------------------------------------------------------- the module
 def _module(tiny_backbone: str, method) -> SpecLoRAModule:
-    torch.manual_seed(6)
-    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=method).eval()  # no dropout
-    g = torch.Generator().manual_seed(1)
-    for _, layer in lora_modules(module.encoder):
-        layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.2
-        layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.2
-    module.task_weights = torch.tensor([1.0, 2.0, 0.5])  # λ_t enter the per-task gradients
-    return module
+    return conflicting_module(tiny_backbone, method, TASKS)
 
 
 @pytest.mark.parametrize("method", [CAGrad(c=0.5), NashMTL(max_norm=0.0), NashMTL(max_norm=2.0),

@@ -20,6 +20,7 @@ from speclora.metrics import conflict_rate
 from speclora.model.lora import lora_modules
 from speclora.model.module import SpecLoRAModule
 from tests.cli_args import fit_args
+from tests.methods.modules import conflicting_module
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ["rte", "stsb", "copa"]
@@ -127,15 +128,7 @@ def test_single_process_sync_is_the_identity():
 
 # ---------------------------------------------------------------- the module
 def _ortho_module(tiny_backbone: str, task_grads: str = "rows") -> SpecLoRAModule:
-    torch.manual_seed(6)  # heads that make A and B both conflict; and independent of which tests ran before
-    method = Ortho(order="fixed", task_grads=task_grads)
-    module = SpecLoRAModule(TASKS, backbone=tiny_backbone, method=method).eval()  # no dropout
-    g = torch.Generator().manual_seed(1)
-    for _, layer in lora_modules(module.encoder):
-        layer.lora_A.data = torch.randn(layer.lora_A.shape, generator=g) * 0.2
-        layer.lora_B.data = torch.randn(layer.lora_B.shape, generator=g) * 0.2
-    module.task_weights = torch.tensor([1.0, 2.0, 0.5])  # λ_t enter the per-task gradients
-    return module
+    return conflicting_module(tiny_backbone, Ortho(order="fixed", task_grads=task_grads), TASKS)
 
 
 @pytest.mark.parametrize("task_grads", ["rows", "backward"])
