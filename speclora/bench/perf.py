@@ -49,7 +49,6 @@ from typing import Any
 
 from speclora.bench import code_commit, name_and_positive
 
-REPO = Path(__file__).resolve().parents[2]
 SCALES = ("full", "tiny")
 CUDA_DEADLINE = 480.0  # seconds: the GPU machine's run leaves ~9 minutes, its set-up included
 MIN_LIMIT = 5.0  # seconds: a section with less than this left is skipped
@@ -164,7 +163,7 @@ def versions() -> dict[str, str]:
             out[name] = importlib.import_module(name).__version__
         except ImportError:
             out[name] = "not installed"
-    out["speclora commit"] = code_commit(REPO)
+    out["speclora commit"] = code_commit()
     return out
 
 

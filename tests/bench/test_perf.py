@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from speclora.bench import eigensolver, measure, perf, quality, throughput
+from speclora.bench import REPO, eigensolver, measure, perf, quality, throughput
 from speclora.bench.perf import Section, section_limit
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
@@ -258,6 +258,6 @@ def test_a_child_process_reports_its_own_peak_memory_not_its_parents(tmp_path):
     parent = measure.peak_rss_mib()
     code = "from speclora.bench.measure import peak_rss_mib; print(peak_rss_mib())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(perf.REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     del ballast
     assert float(out.stdout) < parent - 300  # getrusage's ru_maxrss would report the parent's, kept across exec
