@@ -172,11 +172,21 @@ def seeds_text(seeds: int | None) -> str:
     return "seed 0" if (seeds or 1) == 1 else f"the mean over seeds 0–{seeds - 1}"
 
 
+def at_edge(choice: Choice) -> str:
+    """"highest" or "lowest" when the chosen rate is at that end of a grid of two or more rates, every one of
+    them scored (the best rate may then lie outside the grid); "" otherwise."""
+    rates_scored = sorted(lr for lr, v in choice.scores.items() if v is not None)
+    if choice.lr is None or len(rates_scored) < 2 or len(rates_scored) < len(choice.scores):
+        return ""
+    return "highest" if choice.lr == rates_scored[-1] else "lowest" if choice.lr == rates_scored[0] else ""
+
+
 def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str], seeds: int = 1) -> str:
     """Markdown: per tuned arm, its validation score at each rate of its grid (mean over the search's seeds)
-    and the chosen rate."""
+    and the chosen rate; a rate chosen at an end of its grid is marked, and named below the table."""
     lines = [f"| method | validation average at each rate ({seeds_text(seeds)}; chosen in bold) | chosen rate | runs at it |",
              "| --- | --- | --- | --- |"]
+    edges = []
     for arm in [a for a in order if a in choices]:
         c = Choice.from_json(choices[arm])
         cells = []
@@ -184,6 +194,12 @@ def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str],
             text = f"{fmt_rate(lr)}: " + ("failed" if v is None and c.failed else "–" if v is None else f"{v:.1f}")
             cells.append(f"**{text}**" if lr == c.lr else text)
         runs_at = "every cell" if arm != SPECTRAL else "every cell, and the Table 7 ablations"
-        lines.append(f"| {arm} | {' · '.join(cells)} | {fmt_lr(c.lr)}{' (' + c.note + ')' if c.note else ''} "
+        note = c.note or (f"the {at_edge(c)} of its grid" if at_edge(c) else "")
+        lines.append(f"| {arm} | {' · '.join(cells)} | {fmt_lr(c.lr)}{' (' + note + ')' if note else ''} "
                      f"| {runs_at} |")
+        if at_edge(c):
+            edges.append(f"{arm} ({at_edge(c)})")
+    if edges:
+        lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}. Its best rate may lie beyond the grid; a "
+                  "rerun with `--lr-grid` widened past that end reuses every finished run and trains the new rates."]
     return "\n".join(lines)

@@ -443,8 +443,8 @@ How each number is measured (speclora.bench; same code path as `speclora fit` + 
   necessary, not sufficient, for convergence.
 - **Learning rates**: each method trains once per rate of its grid (seed 0, or seeds 0..N-1 with
   `--search-seeds N`; the main suite and budget); the rate with the best validation average (the best
-  `val/average` of a run, averaged over the search seeds; for `single` also over the suite's tasks) is chosen, ties to the smaller rate; the seeds then run at it. The ablations run at
-  speclora's rate, the few-shot and one-task cells at their method's.
+  `val/average` of a run, averaged over the search seeds; for `single` also over the suite's tasks) is chosen, ties to the smaller rate; the seeds then run at it (a rate chosen at an end of
+  the grid is marked). The ablations run at speclora's rate, the few-shot and one-task cells at their method's.
 - **Significance**: paired differences over seeds, d̄ ± t(0.975, n−1)·sd/√n; "better"/"worse" when the
   interval excludes 0. Few seeds give wide intervals: "no significant difference" is not "equal".
 """

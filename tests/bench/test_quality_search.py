@@ -7,6 +7,7 @@ import pytest
 from speclora.bench.quality_scales import REPO_CONFIGS, SCALES, CellFactory, fmt_rate, plan_matrix
 from speclora.bench.quality_search import (
     Choice,
+    at_edge,
     choose,
     grid_of,
     parse_grid,
@@ -117,6 +118,26 @@ def test_table_marks_the_chosen_rate():
     choice = Choice("shared", {3e-4: 50.0, 1e-3: 61.25, 3e-3: None}, 1e-3)
     table = search_table({"shared": choice.to_json()}, ["shared"])
     assert "| shared | 3e-4: 50.0 · **1e-3: 61.2** · 3e-3: – | 1e-3 | every cell |" in table
+    assert "end of the grid" not in table  # 3e-3 not scored yet: no edge to speak of
+
+
+@pytest.mark.parametrize(("scores", "edge"), [
+    ({3e-4: 50.0, 1e-3: 60.0, 3e-3: 70.0}, "highest"),
+    ({3e-4: 70.0, 1e-3: 60.0, 3e-3: 50.0}, "lowest"),
+    ({3e-4: 50.0, 1e-3: 70.0, 3e-3: 60.0}, ""),
+    ({1e-3: 70.0}, ""),  # a grid of one rate has no inside
+    ({3e-4: None, 1e-3: 70.0, 3e-3: 60.0}, ""),  # 3e-4 not scored: can't tell yet
+])
+def test_a_rate_chosen_at_an_end_of_the_grid_is_named(scores, edge):
+    best = max((v, -lr) for lr, v in scores.items() if v is not None)
+    choice = Choice("shared", scores, -best[1])
+    assert at_edge(choice) == edge
+    table = search_table({"shared": choice.to_json()}, ["shared"])
+    if edge:
+        assert f"| {fmt_rate(choice.lr)} (the {edge} of its grid) |" in table
+        assert f"Chosen at an end of the grid: shared ({edge})." in table and "--lr-grid" in table
+    else:
+        assert "of its grid" not in table and "end of the grid" not in table
 
 
 @pytest.mark.parametrize("text", ["", "0", "1e-3,-1", "fast", "nan"])
