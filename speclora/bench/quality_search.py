@@ -200,6 +200,7 @@ def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str],
         if at_edge(c):
             edges.append(f"{arm} ({at_edge(c)})")
     if edges:
-        lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}. Its best rate may lie beyond the grid; a "
-                  "rerun with `--lr-grid` widened past that end reuses every finished run and trains the new rates."]
+        lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}. The best rate may lie beyond it; a rerun with "
+                  "the grid widened past that end (`--lr-grid`; full_ft's: `ARM_LR_GRIDS` in "
+                  "speclora/bench/quality_search.py) reuses every finished run and trains only the new rates."]
     return "\n".join(lines)

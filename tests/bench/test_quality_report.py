@@ -130,7 +130,8 @@ def test_convergence_says_whether_the_mean_curve_is_flat_and_the_report_shows_th
     assert "| independent |" in conv and "| 0.0 (2) | yes |" in conv.split("| independent |")[1].split("\n")[0]
     assert "| 4.0 (2) | no (rises +4.0) |" in conv.split("| speclora |")[1].split("\n")[0]
     assert "| method \\ step | 10 | 20 | 30 | 40 | 50 |" in conv and "| speclora | 40.0 | 50.0 | 55.0 | 56.0 | 60.0 |" in conv
-    assert "| independent | 1e-3: 51.0 · **3e-3: 52.5** | 3e-3 | every cell |" in doc
+    assert "| independent | 1e-3: 51.0 · **3e-3: 52.5** | 3e-3 (the highest of its grid) | every cell |" in doc
+    assert "Chosen at an end of the grid: independent (highest)." in doc
     assert "grid {1e-3, 3e-3} (full_ft: {2e-5, 5e-5, 1e-4})" in doc
     assert "runs: 13 (12 in the matrix, 1 more in the learning-rate search)" in doc
 
