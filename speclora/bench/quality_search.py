@@ -175,10 +175,9 @@ def seeds_text(seeds: int | None) -> str:
 def at_edge(choice: Choice) -> str:
     """"highest" or "lowest" when the chosen rate is at that end of a grid of two or more rates, every one of
     them scored (the best rate may then lie outside the grid); "" otherwise."""
-    rates_scored = sorted(lr for lr, v in choice.scores.items() if v is not None)
-    if choice.lr is None or len(rates_scored) < 2 or len(rates_scored) < len(choice.scores):
+    if choice.lr is None or len(choice.scores) < 2 or None in choice.scores.values():
         return ""
-    return "highest" if choice.lr == rates_scored[-1] else "lowest" if choice.lr == rates_scored[0] else ""
+    return "highest" if choice.lr == max(choice.scores) else "lowest" if choice.lr == min(choice.scores) else ""
 
 
 def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str], seeds: int = 1) -> str:
@@ -194,11 +193,12 @@ def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str],
             text = f"{fmt_rate(lr)}: " + ("failed" if v is None and c.failed else "–" if v is None else f"{v:.1f}")
             cells.append(f"**{text}**" if lr == c.lr else text)
         runs_at = "every cell" if arm != SPECTRAL else "every cell, and the Table 7 ablations"
-        note = c.note or (f"the {at_edge(c)} of its grid" if at_edge(c) else "")
+        edge = at_edge(c)
+        note = c.note or (f"the {edge} of its grid" if edge else "")
         lines.append(f"| {arm} | {' · '.join(cells)} | {fmt_lr(c.lr)}{' (' + note + ')' if note else ''} "
                      f"| {runs_at} |")
-        if at_edge(c):
-            edges.append(f"{arm} ({at_edge(c)})")
+        if edge:
+            edges.append(f"{arm} ({edge})")
     if edges:
         lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}. The best rate may lie beyond it; a rerun with "
                   "the grid widened past that end (`--lr-grid`; full_ft's: `ARM_LR_GRIDS` in "
