@@ -9,7 +9,8 @@
 Every method of the harness (and the Table 7 ablations) runs on the same backbone, data, budget and seeds,
 each cell through :func:`speclora.cli.main` (``speclora fit`` then ``speclora test``) with the same config
 layering (speclora.bench.quality_scales). First each method's learning rate is chosen on the validation
-split from a small grid, seed 0 or --search-seeds N (speclora.bench.quality_search); then every seed runs at the chosen rate.
+split from a small grid, seed 0 or --search-seeds N, widened past an end of the grid where the best rate lies there
+(speclora.bench.quality_search); then every seed runs at the chosen rate.
 A cell whose ``OUT/runs/<run>/result.json`` exists is skipped, so an interrupted matrix resumes where it
 stopped and a second run of the same command runs nothing (``--retry-failed`` reruns the failed ones).
 ``--deadline SECONDS`` runs a slice that ends on time (speclora.bench.quality_deadline; exit code 3 while
@@ -143,6 +144,9 @@ def _parser() -> argparse.ArgumentParser:
                         "scale's, 3e-4,1e-3,3e-3; full_ft keeps its own 2e-5,5e-5,1e-4); 'none': every arm at its "
                         "configs' rate, no search")
     q.add_argument("--search-seeds", type=int, default=None, help="seeds per rate of the search (default: the scale's, 1)")
+    q.add_argument("--lr-widen", type=int, default=None,
+                   help="rates the search may add past an end of a method's grid while its best rate is at that end "
+                        "(default: the scale's, 2; smoke: 0); 0: the grid is fixed")
     q.add_argument("--backbone", default=None, help="default: the scale's (smoke: a tiny random BERT built "
                                                     "under OUT/backbone; cpu, gpu: 'default', all-MiniLM-L6-v2)")
     q.add_argument("--data-dir", default=None, help="folder holding glue/ and superglue/ (default: $SPECLORA_DATA)")
@@ -221,7 +225,17 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
     suite = [get_task(t).name for t in _list(args.tasks)] if args.tasks else scales.suite_tasks(scale.overlay(configs))
     make = scales.CellFactory(configs, backbone, args.data_dir, args.cache_dir)
     search_seeds = args.search_seeds or scale.search_seeds
-    searched = search.search_cells(scale, arms, grid, make, suite, not args.no_single, search_seeds) if grid else ()
+    widen = scale.lr_widen if args.lr_widen is None else args.lr_widen
+    if widen < 0:
+        raise SystemExit(f"--lr-widen={widen}; allowed: an integer >= 0 (0: the grid is fixed)")
+
+    def widened(cells: Sequence[scales.Cell]) -> tuple[scales.Cell, ...]:
+        """The search with the rates past an end of a grid that the finished runs call for."""
+        return search.widened(cells, lambda cs: {r["run_id"]: r for r in collect_rows(cs, out)}, grid, widen,
+                              lambda arm, lr: search.rate_cells(scale, make, arm, lr, suite, search_seeds))
+
+    searched = widened(search.search_cells(scale, arms, grid, make, suite, not args.no_single, search_seeds)
+                       if grid else ())
 
     def plan_at(lrs: dict[str, float | None] | None) -> Plan:
         return scales.plan_matrix(scale, arms, seeds, configs, backbone, args.data_dir, args.cache_dir,
@@ -238,8 +252,9 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for cell in searched:
             print(f"[lr search] {cell.run_id}: speclora fit {shlex.join(cell.args)}")
         if pending(searched, out):
-            print(f"then {len(plan_at(None).cells)} matrix cells at the rates the search chooses (its seed-0 "
-                  "cells are search runs)")
+            print((f"then up to {widen} more rates past an end of a grid for each method whose best rate is there; "
+                   if widen else "") + f"then {len(plan_at(None).cells)} matrix cells at the rates the search "
+                  "chooses (its seed-0 cells are search runs)")
         else:
             plan = matrix()
             for cell in plan.cells:
@@ -265,11 +280,18 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
                       retry_failed=args.retry_failed, keep_checkpoints=args.keep_checkpoints,
                       timeout=args.run_timeout, progress=lambda s: print(s, flush=True), pool=pool,
                       deadline=deadline)
-        if searched:
+        while searched:
             run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
             if deadline is not None and pending(searched, out):  # the matrix's rates are not chosen yet
                 print(deadline.summary(), flush=True)
                 return len(pending(searched, out))
+            wider = widened(searched)
+            if len(wider) == len(searched):
+                break
+            print("learning-rate search widened past an end of a grid: " + ", ".join(
+                f"{c.run_id}" for c in wider[len(searched):]), flush=True)
+            todo += len(wider) - len(searched)
+            searched = wider
         plan = matrix()
         for arm, choice in plan.lr_choice.items():
             print(f"learning rate of {arm}: {search.fmt_lr(choice['lr'])} {choice['note']}".rstrip(), flush=True)
@@ -285,7 +307,7 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "backbone": backbone if scale.tiny_backbone is False or args.backbone else
             "tiny random BERT (2 layers, hidden 32, built under OUT/backbone/tiny-bert)",
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
-            "lr_grid": list(grid) if grid else None, "search_seeds": search_seeds,
+            "lr_grid": list(grid) if grid else None, "search_seeds": search_seeds, "lr_widen": widen if grid else 0,
             "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
             **wall_time(time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))

@@ -18,6 +18,12 @@ seed 0 and collapse on others (docs/results.md); more search seeds make the choi
   the bottom) for every LoRA method; ``full_ft`` trains the whole encoder and has its own grid around the
   BERT fine-tuning rates (2e-5 .. 1e-4, ``ARM_LR_GRIDS``). The rate replaces ``model.optim.lr`` (adapters and
   method modules); the heads keep ``model.optim.head_lr`` (1e-3), the same for every method.
+- Widening (``Scale.lr_widen``, ``--lr-widen N``): when an arm's best rate is at an end of its grid, every
+  rate of it scored, the best may lie beyond it. The next rate past that end (:func:`beyond`: one more step
+  of the grid's own ratio there, on the 1-2-3-5 ladder: 3e-3 -> 1e-2 -> 3e-2, full_ft's 1e-4 -> 2e-4) joins
+  that arm's search, up to N rates past its grid; the choice is then over every rate it ran. The same rule
+  for every arm, read from validation scores only; the cpu matrix at 800 steps had five arms chosen at the
+  top of the grid (docs/results.md).
 - The Table 7 ablations are not searched: each runs at the spectral method's chosen rate, so that an
   ablation changes one thing. Few-shot and one-task cells run at the arm's rate chosen on the main suite.
 - An arm whose search runs all failed has no choice: its cells run at its configs' rate, and the report
@@ -27,7 +33,7 @@ seed 0 and collapse on others (docs/results.md); more search seeds make the choi
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +42,8 @@ from speclora.bench.quality_scales import REFERENCE, SPECTRAL, Cell, CellFactory
 # full fine-tuning of the encoder: BERT's 2e-5..5e-5 (Devlin et al. 2019, §A.3) and one step above for the
 # small MiniLM; configs/methods/full_ft.yaml's 5e-5 in the middle
 ARM_LR_GRIDS: dict[str, tuple[float, ...]] = {"full_ft": (2e-5, 5e-5, 1e-4)}
+# the rates a widened grid steps on: 1, 2, 3 and 5 per decade (every grid above lies on it)
+LADDER = (1.0, 2.0, 3.0, 5.0, 10.0)
 
 Row = Mapping[str, Any]
 
@@ -85,20 +93,69 @@ def search_cells(scale: Scale, arms: Sequence[str], grid: Sequence[float], make:
     """
     if seeds < 1:
         raise ValueError(f"--search-seeds={seeds}; allowed: an integer >= 1")
-    overlay = scale.overlay(make.configs)
     grids = {arm: sorted(grid_of(arm, grid), reverse=True) for arm in tuned_arms(arms, reference)}
-    cells = []
+    cells: list[Cell] = []
     for i in range(max(len(g) for g in grids.values())):
         for arm, rates_of_arm in grids.items():
-            if i >= len(rates_of_arm):
-                continue
-            lr = rates_of_arm[i]
-            for seed in range(seeds):
-                if arm == REFERENCE:
-                    cells += [make.cell("single", REFERENCE, seed, [t], overlay, lr) for t in suite]
-                else:
-                    cells.append(make.cell("main", arm, seed, list(suite), overlay, lr))
+            if i < len(rates_of_arm):
+                cells += rate_cells(scale, make, arm, rates_of_arm[i], suite, seeds)
     return tuple(cells)
+
+
+def rate_cells(scale: Scale, make: CellFactory, arm: str, lr: float, suite: Sequence[str],
+               seeds: int = 1) -> list[Cell]:
+    """The search runs of one arm at one rate: seeds 0..``seeds``-1, on the suite (single: on each task)."""
+    overlay = scale.overlay(make.configs)
+    cells = []
+    for seed in range(seeds):
+        if arm == REFERENCE:
+            cells += [make.cell("single", REFERENCE, seed, [t], overlay, lr) for t in suite]
+        else:
+            cells.append(make.cell("main", arm, seed, list(suite), overlay, lr))
+    return cells
+
+
+def snap(lr: float) -> float:
+    """``lr`` rounded to the nearest rate of the 1-2-3-5 ladder (``LADDER``, log distance): 9e-3 -> 1e-2."""
+    base = 10.0 ** math.floor(math.log10(lr))
+    mantissa = min(LADDER, key=lambda m: abs(math.log(lr / (m * base))))
+    return float(f"{mantissa * base:.0e}")  # 3e-3, not 0.0030000000000000005
+
+
+def beyond(rates: Sequence[float], edge: str) -> float:
+    """The next rate past the ``edge`` ("highest" or "lowest") end of a grid of two or more rates: one more
+    step of the grid's own ratio at that end, snapped to the ladder. (3e-4, 1e-3, 3e-3): 1e-2 past the highest,
+    1e-4 past the lowest; (2e-5, 5e-5, 1e-4): 2e-4 past the highest."""
+    g = sorted(rates)
+    if len(g) < 2 or edge not in ("highest", "lowest"):
+        raise ValueError(f"beyond({list(rates)}, {edge!r}); allowed: two or more rates and 'highest' or 'lowest'")
+    end, step = (g[-1], g[-1] / g[-2]) if edge == "highest" else (g[0], g[0] / g[1])
+    lr = snap(end * step)
+    # a grid finer than the ladder (1e-3, 1.1e-3) would snap back onto its end: step past it unrounded
+    return lr if (lr > end if edge == "highest" else lr < end) else float(f"{end * step:.2g}")
+
+
+def widened(cells: Sequence[Cell], rows: Callable[[Sequence[Cell]], Mapping[str, Row]], grid: Sequence[float],
+            widen: int, cells_at: Callable[[str, float], Sequence[Cell]]) -> tuple[Cell, ...]:
+    """The search cells with every widening their finished results call for (``rows``: cells -> run id ->
+    result, read when needed; ``cells_at(arm, lr)``: an arm's search runs at a rate, :func:`rate_cells`).
+
+    While an arm's choice is at an end of its grid (:func:`at_edge`: every rate scored) and fewer than
+    ``widen`` rates were added past its grid (``grid_of``), the next rate past that end joins it. A rate not
+    scored yet (not run, or failed) ends the arm's widening until it is, so the same finished runs always give
+    the same cells: a stopped search resumes where it was.
+    """
+    out = list(cells)
+    while True:
+        added: list[Cell] = []
+        for arm, choice in choose(out, rows(out)).items():
+            edge = at_edge(choice)
+            past = [lr for lr in choice.scores if lr not in grid_of(arm, grid)]
+            if edge and len(past) < widen:
+                added += cells_at(arm, beyond(list(choice.scores), edge))
+        if not added:
+            return tuple(out)
+        out += added
 
 
 @dataclass(frozen=True)
@@ -172,6 +229,24 @@ def seeds_text(seeds: int | None) -> str:
     return "seed 0" if (seeds or 1) == 1 else f"the mean over seeds 0–{seeds - 1}"
 
 
+def rate_line(meta: Mapping[str, Any]) -> str:
+    """The report's learning-rate line, from a matrix's meta.json (``lr_grid``, ``lr_widen``, ``search_seeds``;
+    a matrix from before widening existed has no ``lr_widen``: its grid was fixed)."""
+    if not meta.get("lr_grid"):
+        return "every method at its configs' rate (no search: `--lr-grid none`)"
+    widen = meta.get("lr_widen") or 0
+    return (f"chosen per method on the validation split from the grid {_grid(meta['lr_grid'])} (full_ft: "
+            f"{_grid(ARM_LR_GRIDS['full_ft'])})" + (
+                f", widened by up to {widen} rate{'s' if widen > 1 else ''} past an end of a method's grid while its "
+                "best rate was at that end" if widen else "") +
+            f", {seeds_text(meta.get('search_seeds'))}, the same budget; then every seed at the chosen rate; the "
+            "Table 7 ablations at speclora's rate; no test score enters the choice")
+
+
+def _grid(grid: Sequence[float]) -> str:
+    return "{" + ", ".join(fmt_rate(g) for g in grid) + "}"
+
+
 def at_edge(choice: Choice) -> str:
     """"highest" or "lowest" when the chosen rate is at that end of a grid of two or more rates, every one of
     them scored (the best rate may then lie outside the grid); "" otherwise."""
@@ -201,6 +276,6 @@ def search_table(choices: Mapping[str, Mapping[str, Any]], order: Sequence[str],
             edges.append(f"{arm} ({edge})")
     if edges:
         lines += ["", f"Chosen at an end of the grid: {', '.join(edges)}. The best rate may lie beyond it; a rerun with "
-                  "the grid widened past that end (`--lr-grid`; full_ft's: `ARM_LR_GRIDS` in "
+                  "more rates past that end (`--lr-widen`, or `--lr-grid`; full_ft's grid: `ARM_LR_GRIDS` in "
                   "speclora/bench/quality_search.py) reuses every finished run and trains only the new rates."]
     return "\n".join(lines)

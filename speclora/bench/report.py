@@ -26,7 +26,7 @@ from typing import Any
 
 from speclora.bench import quality_search
 from speclora.bench import quality_stats as qs
-from speclora.bench.quality_scales import BASELINES, METHOD_ARMS, REFERENCE, SPECTRAL, fmt_rate
+from speclora.bench.quality_scales import BASELINES, METHOD_ARMS, REFERENCE, SPECTRAL
 from speclora.tasks import get_task
 
 Row = Mapping[str, Any]
@@ -120,10 +120,6 @@ def _invocation(meta: Mapping[str, Any]) -> str:
 def _wall(rows: Sequence[Row]) -> str:
     seconds, n = qs.busy_seconds(rows)
     return f"{seconds / 3600:.2f} h" if n else "?"
-
-
-def _grid(grid: Sequence[float] | None) -> str:
-    return "{" + ", ".join(fmt_rate(g) for g in grid or ()) + "}"
 
 
 def _pct(x: float) -> str:
@@ -367,11 +363,7 @@ def markdown(rows: Sequence[Row], plan: Mapping[str, Any], meta: Mapping[str, An
             f"seeds: {meta['seeds']}; isolation: {meta['isolation']}, {meta['jobs']} run(s) at a time, "
             f"torch threads {meta['threads']}",
             f"- budget of every run: {meta.get('budget', '?')}",
-            "- learning rate: " + (
-                f"chosen per method on the validation split from the grid {_grid(meta.get('lr_grid'))} (full_ft: "
-                f"{_grid(quality_search.ARM_LR_GRIDS['full_ft'])}), {quality_search.seeds_text(meta.get('search_seeds'))}, the same budget; then every seed at the "
-                "chosen rate; the Table 7 ablations at speclora's rate; no test score enters the choice"
-                if meta.get("lr_grid") else "every method at its configs' rate (no search: `--lr-grid none`)"),
+            f"- learning rate: {quality_search.rate_line(meta)}",
             f"- runs: {len(everything)} ({len(rows)} in the matrix, {len(extra)} more in the learning-rate search), "
             f"{counts['ok']} ok, {counts['failed']} failed, {counts['missing']} not run; run time summed over runs "
             f"(fit + test) {run_time:.1f} min",

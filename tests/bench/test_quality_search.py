@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 
-from speclora.bench.quality_scales import REPO_CONFIGS, SCALES, CellFactory, fmt_rate, plan_matrix
+from speclora.bench.quality_scales import REPO_CONFIGS, SCALES, Cell, CellFactory, fmt_rate, plan_matrix
 from speclora.bench.quality_search import (
     Choice,
     at_edge,
+    beyond,
     choose,
     grid_of,
     parse_grid,
+    rate_cells,
+    rate_line,
     rates,
     search_cells,
     search_table,
+    snap,
     tuned_arms,
+    widened,
 )
 
 MAKE = CellFactory(REPO_CONFIGS, "b")
@@ -161,3 +166,118 @@ def test_search_seeds_reach_the_planned_search_runs(tmp_path, capsys):
     assert "[lr search] main__shared__suite__seed0__lr1e-3:" in printed
     assert "[lr search] main__shared__suite__seed1__lr1e-3:" in printed
     assert "seed2" not in printed
+
+
+def test_the_rate_past_an_end_of_a_grid_steps_on_the_grids_own_ratio_snapped_to_the_ladder():
+    assert [snap(x) for x in (9e-3, 3.3e-2, 4e-4, 8e-6, 3e-3, 0.0010000001)] == [1e-2, 3e-2, 5e-4, 1e-5, 3e-3, 1e-3]
+    grid = (3e-4, 1e-3, 3e-3)
+    assert beyond(grid, "highest") == 1e-2 and beyond(grid, "lowest") == 1e-4
+    assert beyond((*grid, 1e-2), "highest") == 3e-2
+    assert beyond((2e-5, 5e-5, 1e-4), "highest") == 2e-4 and beyond((2e-5, 5e-5, 1e-4, 2e-4), "highest") == 5e-4
+    # a grid finer than the ladder would snap back onto its own end: the step is taken unrounded instead
+    assert beyond((1e-3, 1.1e-3), "highest") == 1.2e-3 and beyond((1e-3, 1.1e-3), "lowest") == 9.1e-4
+    for rates_, edge in (((1e-3,), "highest"), ((1e-3, 3e-3), "middle")):
+        with pytest.raises(ValueError, match="allowed: two or more rates and 'highest' or 'lowest'"):
+            beyond(rates_, edge)
+
+
+def _widen(val, widen=2, arms=("shared", "independent", "full_ft"), done=None):
+    """The widened search of ``arms`` (and single) on RTE, every cell finished with ``val(arm, lr)`` (None: not
+    run; a string: that status) except where ``done(arm, lr)`` is False."""
+    scale, grid = SCALES["smoke"], (3e-4, 1e-3, 3e-3)
+
+    def rows(cells):
+        out = {}
+        for c in cells:
+            v = val(c.arm, c.lr)
+            if v is not None and (done is None or done(c.arm, c.lr)):
+                out[c.run_id] = _ok(v) if not isinstance(v, str) else {"status": v, "val_best": None}
+        return out
+
+    base = search_cells(scale, arms, grid, MAKE, ["rte"])
+    cells = widened(base, rows, grid, widen, lambda arm, lr: rate_cells(scale, MAKE, arm, lr, ["rte"]))
+    assert cells[:len(base)] == base  # the grid's cells first, as they were
+    return {arm: c for arm, c in choose(cells, rows(cells)).items()}, cells[len(base):]
+
+
+def test_an_arm_chosen_at_an_end_of_its_grid_tries_the_rates_past_it_up_to_the_widening():
+    def val(arm, lr):  # shared climbs up to 1e-2, independent peaks inside its grid, full_ft climbs on and on,
+        if arm == "shared":  # single is best at the bottom
+            return {3e-4: 60.0, 1e-3: 65.0, 3e-3: 70.0, 1e-2: 72.0, 3e-2: 50.0}[lr]
+        if arm == "independent":
+            return {3e-4: 60.0, 1e-3: 70.0, 3e-3: 65.0}[lr]
+        return 1000 * lr if arm == "full_ft" else {3e-5: 62.0, 1e-4: 61.0, 3e-4: 60.0, 1e-3: 55.0,
+                                                   3e-3: 50.0}[lr]
+
+    choices, added = _widen(val)
+    assert [(c.arm, c.lr) for c in added] == [("shared", 1e-2), ("full_ft", 2e-4), ("single", 1e-4),
+                                             ("shared", 3e-2), ("full_ft", 5e-4), ("single", 3e-5)]
+    assert {a: c.lr for a, c in choices.items()} == {"shared": 1e-2, "independent": 1e-3, "full_ft": 5e-4,
+                                                    "single": 3e-5}
+    # shared came back inside; full_ft ran out of widening at the top, single at the bottom: still marked
+    assert [at_edge(choices[a]) for a in ("shared", "full_ft", "single")] == ["", "highest", "lowest"]
+    assert list(choices["shared"].scores) == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
+    assert all(c.tasks == ("rte",) and c.seed == 0 and f"--model.optim.lr {fmt_rate(c.lr)}" in " ".join(c.args)
+               for c in added)
+    assert _widen(val, widen=0)[1] == ()  # a fixed grid
+    assert [(c.arm, c.lr) for c in _widen(val, widen=1)[1]] == [("shared", 1e-2), ("full_ft", 2e-4), ("single", 1e-4)]
+
+
+def test_widening_waits_for_every_rate_and_a_failed_rate_past_the_end_stops_it():
+    def val(arm, lr):
+        return "failed" if lr == 1e-2 else 100 * lr if arm == "shared" else 50.0
+
+    choices, added = _widen(val, arms=("shared",))
+    # 1e-2 failed: shared stays at 3e-3, with nothing more tried above it; single ties everywhere: the smallest
+    assert [(c.arm, c.lr) for c in added] == [("shared", 1e-2)] + [("single", 1e-4), ("single", 3e-5)]
+    assert choices["shared"].lr == 3e-3 and choices["shared"].failed and at_edge(choices["shared"]) == ""
+    # 3e-4 not run yet: no choice at an end can be told, so nothing is added until it is
+    assert _widen(val, arms=("shared",), done=lambda arm, lr: lr != 3e-4)[1] == ()
+
+
+def test_the_report_line_says_how_the_grid_was_widened():
+    assert rate_line({"lr_grid": [1e-3, 3e-3], "lr_widen": 2, "search_seeds": 1}).startswith(
+        "chosen per method on the validation split from the grid {1e-3, 3e-3} (full_ft: {2e-5, 5e-5, 1e-4}), "
+        "widened by up to 2 rates past an end of a method's grid while its best rate was at that end, seed 0, ")
+    assert "widened" not in rate_line({"lr_grid": [1e-3], "search_seeds": 1})  # a matrix from before widening
+    assert "widened by up to 1 rate past" in rate_line({"lr_grid": [1e-3], "lr_widen": 1})
+    assert rate_line({"lr_grid": None}) == "every method at its configs' rate (no search: `--lr-grid none`)"
+
+
+def test_a_widened_search_runs_resumes_and_plans_the_matrix_at_its_choice(tmp_path, monkeypatch, capsys):
+    import json
+
+    from speclora.bench import quality, quality_run
+
+    def val(arm, lr):  # independent climbs past its grid's top; single is best at its bottom
+        return 100 * lr if arm == "independent" else 60.0 - 1000 * lr
+
+    def fake_run(cell, run_dir, *args):
+        result = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
+                  "tasks": list(cell.tasks), "status": "ok", "val_best": val(cell.arm, cell.lr), "average": 50.0}
+        (run_dir / "result.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(quality_run, "run_cell", fake_run)
+    monkeypatch.setattr(quality, "report", lambda out, doc: out / "results.md")  # the tables: the runner's tests
+    argv = ["quality", "--scale", "smoke", "--out", str(tmp_path), "--methods", "independent", "--tasks", "rte",
+            "--seeds", "2", "--no-fewshot", "--one-task", "", "--backbone", "b", "--lr-grid", "1e-3,3e-3",
+            "--lr-widen", "1"]
+    with pytest.raises(SystemExit, match="--lr-widen=-1; allowed: an integer >= 0"):
+        quality.main([*argv, "--lr-widen", "-1"])
+    assert quality.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert ("learning-rate search widened past an end of a grid: main__independent__suite__seed0__lr1e-2, "
+            "single__single__rte__seed0__lr3e-4") in printed
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {a: c["lr"] for a, c in plan["lr_choice"].items()} == {"independent": 1e-2, "single": 3e-4}
+    assert {Cell.from_json(c).run_id for c in plan["cells"]} == {
+        "main__independent__suite__seed0__lr1e-2", "main__independent__suite__seed1__lr1e-2",
+        "single__single__rte__seed0__lr3e-4", "single__single__rte__seed1__lr3e-4"}
+    assert json.loads((tmp_path / "meta.json").read_text())["lr_widen"] == 1
+    # a second invocation finds the same widened search from the runs on disk, and runs nothing
+    monkeypatch.setattr(quality_run, "run_cell", lambda *a: pytest.fail("a finished run ran again"))
+    assert quality.main(argv) == 0
+    assert "learning-rate search: 6 cells, 6 already done, 0 to run" in capsys.readouterr().out
+    quality.main([*argv, "--dry-run"])
+    assert "[lr search] main__independent__suite__seed0__lr1e-2:" in capsys.readouterr().out
