@@ -242,6 +242,16 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
                                   fewshot=not args.no_fewshot, one_task=one_task, suite=suite,
                                   fewshot_tasks=_list(args.fewshot_tasks), lrs=lrs, reference=not args.no_single)
 
+    def settled_cells(cells: Sequence[scales.Cell]) -> tuple[scales.Cell, ...]:
+        """The matrix cells of the arms whose search is over (none of its runs, widened ones included, left to
+        run), at their chosen rates; none while no arm's search is running."""
+        waiting = {c.arm for c in pending(cells, out, args.retry_failed)}
+        if not waiting:
+            return ()
+        rows = {r["run_id"]: r for r in collect_rows(cells, out)}
+        return tuple(c for c in plan_at(search.rates(arms, search.choose(cells, rows))).cells
+                     if search.tuned_arm(c.arm) not in waiting)
+
     def matrix() -> Plan:
         """The matrix at the rates the search chose (from the search results on disk)."""
         choices = search.choose(searched, {r["run_id"]: r for r in collect_rows(searched, out)})
@@ -281,10 +291,17 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
                       timeout=args.run_timeout, progress=lambda s: print(s, flush=True), pool=pool,
                       deadline=deadline)
         while searched:
-            run_plan(Plan(searched, tuple(suite), (), {}), out, what="learning-rate search", **run_kw)
+            # while some methods' searches run (a widening round), the matrix cells of the methods whose rate is
+            # chosen run beside them, after them in the queue: no worker waits on a round of a few search runs
+            early = settled_cells(searched)
+            if several and early:
+                warm_cache(Plan(early, tuple(suite), (), {}), configs, scale, backbone, args.data_dir, args.cache_dir)
+            todo += len(pending(early, out, args.retry_failed))
+            run_plan(Plan((*searched, *early), tuple(suite), (), {}), out, **run_kw, what="learning-rate search" + (
+                f" and {len(early)} matrix cells of the methods whose rate is chosen" if early else ""))
             if deadline is not None and pending(searched, out):  # the matrix's rates are not chosen yet
                 print(deadline.summary(), flush=True)
-                return len(pending(searched, out))
+                return len(pending((*searched, *early), out))
             wider = widened(searched)
             if len(wider) == len(searched):
                 break

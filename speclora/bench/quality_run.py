@@ -98,7 +98,9 @@ def run_plan(
     speclora.bench.quality_pool; ``pool``: one already started, kept open for the caller's next plan).
     ``timings``: filled with run id -> the wall time of each cell run, as the runner saw it. ``deadline``:
     cells start only while their estimate fits in the time left, and those still running when it is up are
-    stopped and left without a result (speclora.bench.quality_deadline).
+    stopped and left without a result (speclora.bench.quality_deadline); the cells of a kind never measured,
+    which start only while half the deadline is left, go first (a matrix's few-shot cells come last in its
+    plan, so that slices would otherwise reach them only once too little time was left, slice after slice).
     """
     if isolation not in ISOLATIONS:
         raise ValueError(f"--isolation={isolation!r}; allowed: {', '.join(ISOLATIONS)}")
@@ -108,6 +110,8 @@ def run_plan(
         raise ValueError(f"--jobs={jobs} needs --isolation process or pool (inline runs one cell at a time)")
     runs = out / "runs"
     todo = pending(plan.cells, out, retry_failed)
+    if deadline is not None:  # a kind never measured starts only in a deadline's first half: it goes first, the
+        todo.sort(key=lambda c: deadline.estimate(c) is not None)  # rest in plan order (a stable sort)
     progress(f"{what}: {len(plan.cells)} cells, {len(plan.cells) - len(todo)} already done, "
              f"{len(todo)} to run ({isolation}, {jobs} at a time)")
     if deadline is not None and isolation == "inline" and todo:

@@ -140,6 +140,32 @@ def test_a_non_positive_deadline_is_refused():
         Deadline(0.0, Path("."))
 
 
+def test_under_a_deadline_the_cells_of_a_kind_never_measured_run_first(tmp_path, monkeypatch):
+    from speclora.bench import quality_run
+
+    _finished(tmp_path, _cell("shared"), fit=10.0)
+    few = (_cell("shared", group="fewshot"), _cell("shared", seed=1, group="fewshot"))
+    cells = (_cell("shared", seed=1), few[0], _cell("shared", seed=2), few[1])
+    ran: list[str] = []
+
+    def fake_run(cell, run_dir, *args):
+        ran.append(cell.run_id)
+        result = {"run_id": cell.run_id, "status": "ok", "fit_seconds": 1.0, "test_seconds": 1.0}
+        write_result(run_dir, result)
+        return result
+
+    monkeypatch.setattr(quality_run, "run_cell", fake_run)
+    quality.run_plan(Plan(cells, ("rte", "stsb"), (), {}), tmp_path, progress=lambda s: None,
+                     deadline=Deadline(3600, tmp_path))
+    # few-shot is not measured: its cells go first, while half the deadline is left; the rest in plan order
+    assert ran == [few[0].run_id, few[1].run_id, cells[0].run_id, cells[2].run_id]
+    for cell in cells:  # without a deadline, the plan's order
+        (tmp_path / "runs" / cell.run_id / "result.json").unlink()
+    ran.clear()
+    quality.run_plan(Plan(cells, ("rte", "stsb"), (), {}), tmp_path, progress=lambda s: None)
+    assert ran == [c.run_id for c in cells]
+
+
 def test_a_pool_matrix_ends_at_its_deadline_with_its_finished_cells_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     cells = (_cell("sleep"), _cell("ok"), _cell("ok", seed=1))

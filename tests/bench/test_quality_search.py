@@ -249,10 +249,13 @@ def test_a_widened_search_runs_resumes_and_plans_the_matrix_at_its_choice(tmp_pa
 
     from speclora.bench import quality, quality_run
 
-    def val(arm, lr):  # independent climbs past its grid's top; single is best at its bottom
-        return 100 * lr if arm == "independent" else 60.0 - 1000 * lr
+    def val(arm, lr):  # independent climbs past its grid's top, shared peaks inside, single is best at the bottom
+        return {"independent": 100 * lr, "shared": 50.0 - abs(lr - 1e-3)}.get(arm, 60.0 - 1000 * lr)
+
+    ran = []
 
     def fake_run(cell, run_dir, *args):
+        ran.append(cell.run_id)
         result = {"run_id": cell.run_id, "group": cell.group, "arm": cell.arm, "seed": cell.seed,
                   "tasks": list(cell.tasks), "status": "ok", "val_best": val(cell.arm, cell.lr), "average": 50.0}
         (run_dir / "result.json").write_text(json.dumps(result))
@@ -260,24 +263,30 @@ def test_a_widened_search_runs_resumes_and_plans_the_matrix_at_its_choice(tmp_pa
 
     monkeypatch.setattr(quality_run, "run_cell", fake_run)
     monkeypatch.setattr(quality, "report", lambda out, doc: out / "results.md")  # the tables: the runner's tests
-    argv = ["quality", "--scale", "smoke", "--out", str(tmp_path), "--methods", "independent", "--tasks", "rte",
-            "--seeds", "2", "--no-fewshot", "--one-task", "", "--backbone", "b", "--lr-grid", "1e-3,3e-3",
-            "--lr-widen", "1"]
+    argv = ["quality", "--scale", "smoke", "--out", str(tmp_path), "--methods", "independent,shared", "--tasks",
+            "rte", "--seeds", "2", "--no-fewshot", "--one-task", "", "--backbone", "b", "--lr-grid",
+            "3e-4,1e-3,3e-3", "--lr-widen", "1"]
     with pytest.raises(SystemExit, match="--lr-widen=-1; allowed: an integer >= 0"):
         quality.main([*argv, "--lr-widen", "-1"])
     assert quality.main(argv) == 0
     printed = capsys.readouterr().out
     assert ("learning-rate search widened past an end of a grid: main__independent__suite__seed0__lr1e-2, "
-            "single__single__rte__seed0__lr3e-4") in printed
+            "single__single__rte__seed0__lr1e-4") in printed
     plan = json.loads((tmp_path / "plan.json").read_text())
-    assert {a: c["lr"] for a, c in plan["lr_choice"].items()} == {"independent": 1e-2, "single": 3e-4}
+    assert {a: c["lr"] for a, c in plan["lr_choice"].items()} == {"independent": 1e-2, "shared": 1e-3,
+                                                                 "single": 1e-4}
     assert {Cell.from_json(c).run_id for c in plan["cells"]} == {
-        "main__independent__suite__seed0__lr1e-2", "main__independent__suite__seed1__lr1e-2",
-        "single__single__rte__seed0__lr3e-4", "single__single__rte__seed1__lr3e-4"}
+        f"main__{arm}__suite__seed{s}__lr{lr}" for arm, lr in (("independent", "1e-2"), ("shared", "1e-3"))
+        for s in (0, 1)} | {f"single__single__rte__seed{s}__lr1e-4" for s in (0, 1)}
     assert json.loads((tmp_path / "meta.json").read_text())["lr_widen"] == 1
+    # shared's rate was chosen by the end of the grid: its seed 1 ran in the widening round, after its search runs
+    assert "learning-rate search and 2 matrix cells of the methods whose rate is chosen" in printed
+    assert (ran.index("main__independent__suite__seed0__lr1e-2") < ran.index("main__shared__suite__seed1__lr1e-3")
+            < ran.index("main__independent__suite__seed1__lr1e-2"))
+    assert len(ran) == len(set(ran)) == 14  # 9 on the grid, 2 past it, seed 1 of 3 arms: nothing twice
     # a second invocation finds the same widened search from the runs on disk, and runs nothing
     monkeypatch.setattr(quality_run, "run_cell", lambda *a: pytest.fail("a finished run ran again"))
     assert quality.main(argv) == 0
-    assert "learning-rate search: 6 cells, 6 already done, 0 to run" in capsys.readouterr().out
+    assert "learning-rate search: 11 cells, 11 already done, 0 to run" in capsys.readouterr().out
     quality.main([*argv, "--dry-run"])
     assert "[lr search] main__independent__suite__seed0__lr1e-2:" in capsys.readouterr().out
