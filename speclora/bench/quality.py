@@ -229,9 +229,13 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if widen < 0:
         raise SystemExit(f"--lr-widen={widen}; allowed: an integer >= 0 (0: the grid is fixed)")
 
+    def rows_of(cells: Sequence[scales.Cell]) -> dict[str, dict[str, Any]]:
+        """Run id -> result (or a ``missing`` row) of each cell, from the folder."""
+        return {r["run_id"]: r for r in collect_rows(cells, out)}
+
     def widened(cells: Sequence[scales.Cell]) -> tuple[scales.Cell, ...]:
         """The search with the rates past an end of a grid that the finished runs call for."""
-        return search.widened(cells, lambda cs: {r["run_id"]: r for r in collect_rows(cs, out)}, grid, widen,
+        return search.widened(cells, rows_of, grid, widen,
                               lambda arm, lr: search.rate_cells(scale, make, arm, lr, suite, search_seeds))
 
     searched = widened(search.search_cells(scale, arms, grid, make, suite, not args.no_single, search_seeds)
@@ -248,13 +252,12 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
         waiting = {c.arm for c in pending(cells, out, args.retry_failed)}
         if not waiting:
             return ()
-        rows = {r["run_id"]: r for r in collect_rows(cells, out)}
-        return tuple(c for c in plan_at(search.rates(arms, search.choose(cells, rows))).cells
+        return tuple(c for c in plan_at(search.rates(arms, search.choose(cells, rows_of(cells)))).cells
                      if search.tuned_arm(c.arm) not in waiting)
 
     def matrix() -> Plan:
         """The matrix at the rates the search chose (from the search results on disk)."""
-        choices = search.choose(searched, {r["run_id"]: r for r in collect_rows(searched, out)})
+        choices = search.choose(searched, rows_of(searched))
         return dataclasses.replace(plan_at(search.rates(arms, choices)), search=searched,
                                    lr_choice={a: c.to_json() for a, c in choices.items()})
 
