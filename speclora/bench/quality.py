@@ -90,7 +90,8 @@ def machine() -> str:
 def report(out: Path, update_doc: Path | None = None) -> Path:
     """Write results.csv, results.md, the figures and TensorBoard from the results in ``out``."""
     from speclora.bench.quality_figures import write_figures
-    from speclora.bench.report import MEASURES, markdown, write_csv
+    from speclora.bench.report import markdown, write_csv
+    from speclora.bench.report_measures import MEASURES
 
     if not (out / META).is_file():  # written when `quality` ends; a matrix still running has none
         raise FileNotFoundError(f"{out / META} not found: run `speclora-bench quality` with --out {out} to its end")

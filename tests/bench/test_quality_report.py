@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from speclora.bench.quality import splice
-from speclora.bench.report import ablation_table, cost_table, markdown, score_table, write_csv
+from speclora.bench.report import ablation_table, against_each, cost_table, markdown, score_table, write_csv
 
 
 def _row(group, arm, seed, scores, status="ok", **extra):
@@ -57,6 +57,22 @@ def test_cost_table_itr_ic_and_ablation_delta():
     abl = ablation_table(rows, ["speclora/no_coordination"], ["rte", "copa"])
     line = next(x for x in abl.splitlines() if x.startswith("| no_coordination"))
     assert "-1.00" in line and "-2.0%" in line
+
+
+def test_speclora_against_each_baseline_paired_over_seeds():
+    rows = _toy()
+    table = against_each(rows, "main")
+    lines = {x.split(" | ")[0].strip("| "): [c.strip() for c in x.strip("|").split("|")] for x in table.splitlines()[2:]}
+    assert list(lines) == ["independent (vanilla LoRA)", "shared"]  # the baselines that ran, in BASELINES' order
+    # speclora 50.0 / 50.5, independent 54.5 / 54.5: d = -4.5, -4.0; mean -4.25 = -7.8% of 54.5;
+    # half-width t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.3536 / 1.4142 = 3.18; t = -4.25 / 0.25 = -17 on one
+    # degree of freedom (a Cauchy law): p = 2 * atan(1 / 17) / pi = 0.037
+    assert lines["independent (vanilla LoRA)"][2:] == ["-4.25", "-7.8%", "[-7.43, -1.07]", "0.037", "2", "worse"]
+    assert lines["shared"][1] == "failed" and lines["shared"][2:4] == ["–", "–"]  # no ok run: no pairing
+    plan = {"suite": ["rte", "copa"], "fewshot_tasks": [], "skipped": {}}
+    meta = {"scale": "smoke", "command": "c", "machine": "m", "date": "d", "backbone": "b", "seeds": 2,
+            "isolation": "inline", "jobs": 1, "threads": 1}
+    assert "speclora's average against each baseline (suite):" in markdown(rows, plan, meta)
 
 
 def test_csv_has_one_line_per_run_with_its_status(tmp_path):
