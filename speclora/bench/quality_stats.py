@@ -113,6 +113,17 @@ def paired(x: Mapping[int, float], y: Mapping[int, float], confidence: float = 0
     return t_interval([x[s] - y[s] for s in seeds], confidence)
 
 
+def holm(ps: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of p-values tested together (a family-wise error rate); NaN stays NaN and
+    is not counted in the family. Adjusted p_(i) = max over j ≤ i of min(1, (m − j + 1) · p_(j)), p sorted up."""
+    order = sorted((i for i, x in enumerate(ps) if finite(x)), key=lambda i: ps[i])
+    out, running = [math.nan] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
 # ---------------------------------------------------------------------- grouping
 def ok(rows: Iterable[Row]) -> list[Row]:
     return [r for r in rows if r.get("status") == "ok"]

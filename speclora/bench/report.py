@@ -333,18 +333,22 @@ def significance(rows: Sequence[Row], group: str, tasks: Sequence[str]) -> tuple
 
 
 def against_each(rows: Sequence[Row], group: str) -> str:
-    """speclora's average against every baseline of the group, paired over seeds; Δ % is of the baseline's mean."""
+    """speclora's average against every baseline of the group, paired over seeds; Δ % is of the baseline's mean;
+    the p-values also Holm-adjusted over the baselines compared (one family of tests)."""
     spec = qs.select(rows, group, SPECTRAL)
-    header = ["baseline", "baseline average", f"{SPECTRAL} − baseline", "Δ %", "95% CI", "p", "seeds", "verdict"]
+    header = ["baseline", "baseline average", f"{SPECTRAL} − baseline", "Δ %", "95% CI", "p", "p (Holm)", "seeds",
+              "verdict (by the CI)"]
+    arms = [a for a in BASELINES if qs.select(rows, group, a)]
+    tests = [qs.paired(qs.by_seed(spec), qs.by_seed(qs.select(rows, group, a))) for a in arms]
     lines = []
-    for arm in [a for a in BASELINES if qs.select(rows, group, a)]:
+    for arm, p, adjusted in zip(arms, tests, qs.holm([t.p for t in tests])):
         base = qs.select(rows, group, arm)
         stat = qs.mean_std(qs.by_seed(base).values())
-        p = qs.paired(qs.by_seed(spec), qs.by_seed(base))
         mean, ci, pv = _paired(p)
         pct = _pct(100 * p.mean / stat.mean) if p.n and qs.finite(stat.mean) and stat.mean else "–"
         label = f"{arm} (vanilla LoRA)" if arm == "independent" else arm
-        lines.append([label, _cell(stat, base), mean, pct, ci, pv, str(p.n), p.verdict])
+        holm = f"{adjusted:.3f}" if qs.finite(adjusted) else "–"
+        lines.append([label, _cell(stat, base), mean, pct, ci, pv, holm, str(p.n), p.verdict])
     return _table(header, lines)
 
 

@@ -36,5 +36,7 @@ How each number is measured (speclora.bench; same code path as `speclora fit` + 
 - **Significance**: paired differences over seeds, d̄ ± t(0.975, n−1)·sd/√n; "better"/"worse" when the
   interval excludes 0. Few seeds give wide intervals: "no significant difference" is not "equal". speclora is
   tested against the best baseline per task, then its average against each baseline; Δ % is the difference
-  over the baseline's mean average. `independent` is the seed paper's "vanilla LoRA".
+  over the baseline's mean average. `independent` is the seed paper's "vanilla LoRA". Tested against many
+  baselines, one of them may come out "better" or "worse" by chance: *p (Holm)* is the p-value adjusted over
+  the baselines compared (Holm's step-down), for a 5% chance of any false verdict in the table.
 """

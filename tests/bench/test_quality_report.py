@@ -67,8 +67,11 @@ def test_speclora_against_each_baseline_paired_over_seeds():
     # speclora 50.0 / 50.5, independent 54.5 / 54.5: d = -4.5, -4.0; mean -4.25 = -7.8% of 54.5;
     # half-width t(0.975, 1) * sd / sqrt(2) = 12.706 * 0.3536 / 1.4142 = 3.18; t = -4.25 / 0.25 = -17 on one
     # degree of freedom (a Cauchy law): p = 2 * atan(1 / 17) / pi = 0.037
-    assert lines["independent (vanilla LoRA)"][2:] == ["-4.25", "-7.8%", "[-7.43, -1.07]", "0.037", "2", "worse"]
+    # one test in the family (shared has none): Holm leaves its p as it is
+    assert lines["independent (vanilla LoRA)"][2:] == ["-4.25", "-7.8%", "[-7.43, -1.07]", "0.037", "0.037", "2",
+                                                       "worse"]
     assert lines["shared"][1] == "failed" and lines["shared"][2:4] == ["–", "–"]  # no ok run: no pairing
+    assert lines["shared"][6:8] == ["–", "0"]  # no p, no pair
     plan = {"suite": ["rte", "copa"], "fewshot_tasks": [], "skipped": {}}
     meta = {"scale": "smoke", "command": "c", "machine": "m", "date": "d", "backbone": "b", "seeds": 2,
             "isolation": "inline", "jobs": 1, "threads": 1}

@@ -67,6 +67,15 @@ def test_mean_std_and_paired_t_interval():
     assert qs.t_interval([1.0]).verdict == "too few seeds"
 
 
+def test_holm_adjusts_each_p_by_its_rank_and_keeps_the_order():
+    # sorted: 0.01 (x 3 = 0.03), 0.02 (x 2 = 0.04), 0.04 (x 1 = 0.04); NaN is outside the family
+    assert qs.holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
+    # monotone: a larger p never gets a smaller adjusted p (0.5 x 1 < 0.3 x 2 = 0.6); capped at 1
+    assert qs.holm([0.3, 0.5]) == pytest.approx([0.6, 0.6])
+    assert qs.holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    assert qs.holm([]) == []
+
+
 def test_steps_to_95_percent_of_the_final_value():
     assert qs.steps_to_fraction([[5, 10.0], [10, 38.0], [15, 40.0]]) == 10.0  # 0.95 * 40 = 38
     assert qs.steps_to_fraction([[5, 39.0], [10, 41.0], [15, 40.0]]) == 5.0
