@@ -338,11 +338,10 @@ def against_each(rows: Sequence[Row], group: str) -> str:
     spec = qs.select(rows, group, SPECTRAL)
     header = ["baseline", "baseline average", f"{SPECTRAL} − baseline", "Δ %", "95% CI", "p", "p (Holm)", "seeds",
               "verdict (by the CI)"]
-    arms = [a for a in BASELINES if qs.select(rows, group, a)]
-    tests = [qs.paired(qs.by_seed(spec), qs.by_seed(qs.select(rows, group, a))) for a in arms]
+    bases = {a: qs.select(rows, group, a) for a in BASELINES if qs.select(rows, group, a)}
+    tests = [qs.paired(qs.by_seed(spec), qs.by_seed(base)) for base in bases.values()]
     lines = []
-    for arm, p, adjusted in zip(arms, tests, qs.holm([t.p for t in tests])):
-        base = qs.select(rows, group, arm)
+    for (arm, base), p, adjusted in zip(bases.items(), tests, qs.holm([t.p for t in tests])):
         stat = qs.mean_std(qs.by_seed(base).values())
         mean, ci, pv = _paired(p)
         pct = _pct(100 * p.mean / stat.mean) if p.n and qs.finite(stat.mean) and stat.mean else "–"
