@@ -335,11 +335,11 @@ def significance(rows: Sequence[Row], group: str, tasks: Sequence[str]) -> tuple
 def against_each(rows: Sequence[Row], group: str) -> str:
     """speclora's average against every baseline of the group, paired over seeds; Δ % is of the baseline's mean;
     the p-values also Holm-adjusted over the baselines compared (one family of tests)."""
-    spec = qs.select(rows, group, SPECTRAL)
+    spec = qs.by_seed(qs.select(rows, group, SPECTRAL))
     header = ["baseline", "baseline average", f"{SPECTRAL} − baseline", "Δ %", "95% CI", "p", "p (Holm)", "seeds",
               "verdict (by the CI)"]
-    bases = {a: qs.select(rows, group, a) for a in BASELINES if qs.select(rows, group, a)}
-    tests = [qs.paired(qs.by_seed(spec), qs.by_seed(base)) for base in bases.values()]
+    bases = {a: base for a in BASELINES if (base := qs.select(rows, group, a))}
+    tests = [qs.paired(spec, qs.by_seed(base)) for base in bases.values()]
     lines = []
     for (arm, base), p, adjusted in zip(bases.items(), tests, qs.holm([t.p for t in tests])):
         stat = qs.mean_std(qs.by_seed(base).values())
