@@ -330,7 +330,9 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
             "lr_grid": list(grid) if grid else None, "search_seeds": search_seeds, "lr_widen": widen if grid else 0,
             "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
-            **wall_time(time.perf_counter() - start, todo, (load, os.getloadavg()[0]))}
+            # the cells run: those that were to run less those still without a result (a deadline left them)
+            **wall_time(time.perf_counter() - start, todo - len(pending(plan.cells, out)),
+                        (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))
     path = report(out, args.update_doc)
     print(f"tables: {path}", flush=True)

@@ -209,7 +209,9 @@ def test_the_command_runs_a_matrix_in_slices_exit_3_until_it_is_complete(tmp_pat
     done = [p.parent.name for p in out.glob("runs/*/result.json")]
     assert done == ["main__independent__suite__seed0"]
     assert "1 ok, 0 failed, 1 not run" in (out / "results.md").read_text()  # a partial report, marked so
+    assert json.loads((out / "meta.json").read_text())["this_invocation_ran"] == 1  # not the 2 it was to run
     assert quality.main(argv) == 0  # the same command again: only the cell left runs
+    assert json.loads((out / "meta.json").read_text())["this_invocation_ran"] == 1
     assert sorted(p.parent.name for p in out.glob("runs/*/result.json")) == [
         "main__independent__suite__seed0", "main__independent__suite__seed1"]
     assert "2 ok, 0 failed, 0 not run" in (out / "results.md").read_text()
