@@ -321,6 +321,7 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if several:
             warm_cache(plan, configs, scale, backbone, args.data_dir, args.cache_dir)
         run_plan(plan, out, **run_kw)
+    left = pending(plan.cells, out)  # cells still without a result: a deadline left them
     label = ("smoke run on a tiny random encoder: checks the pipeline, NOT a quality result"
              if scale.name == "smoke" else "")
     meta = {"scale": scale.name, "label": label, "command": "speclora-bench " + shlex.join(argv),
@@ -330,15 +331,13 @@ def quality(args: argparse.Namespace, argv: Sequence[str]) -> int:
             "seeds": seeds, "isolation": isolation, "jobs": jobs, "threads": threads or "torch default",
             "lr_grid": list(grid) if grid else None, "search_seeds": search_seeds, "lr_widen": widen if grid else 0,
             "budget": budget(scale.overlay(configs)), "fewshot_budget": budget(scale.overlay(configs, True)),
-            # the cells run: those that were to run less those still without a result (a deadline left them)
-            **wall_time(time.perf_counter() - start, todo - len(pending(plan.cells, out)),
-                        (load, os.getloadavg()[0]))}
+            **wall_time(time.perf_counter() - start, todo - len(left), (load, os.getloadavg()[0]))}
     (out / META).write_text(json.dumps(meta, indent=1))
     path = report(out, args.update_doc)
     print(f"tables: {path}", flush=True)
     if deadline is not None and deadline.deferred:
         print(deadline.summary(), flush=True)
-    return len(pending(plan.cells, out))
+    return len(left)
 
 
 def wall_time(seconds: float, ran: int, load: tuple[float, float]) -> dict[str, Any]:

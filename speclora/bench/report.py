@@ -339,10 +339,11 @@ def against_each(rows: Sequence[Row], group: str) -> str:
     header = ["baseline", "baseline average", f"{SPECTRAL} − baseline", "Δ %", "95% CI", "p", "p (Holm)", "seeds",
               "verdict (by the CI)"]
     bases = {a: base for a in BASELINES if (base := qs.select(rows, group, a))}
-    tests = [qs.paired(spec, qs.by_seed(base)) for base in bases.values()]
+    seeds = {a: qs.by_seed(base) for a, base in bases.items()}
+    tests = [qs.paired(spec, by_seed) for by_seed in seeds.values()]
     lines = []
     for (arm, base), p, adjusted in zip(bases.items(), tests, qs.holm([t.p for t in tests])):
-        stat = qs.mean_std(qs.by_seed(base).values())
+        stat = qs.mean_std(seeds[arm].values())
         mean, ci, pv = _paired(p)
         pct = _pct(100 * p.mean / stat.mean) if p.n and qs.finite(stat.mean) and stat.mean else "–"
         label = f"{arm} (vanilla LoRA)" if arm == "independent" else arm
